@@ -1,0 +1,100 @@
+"""keel: durable workflows, execution from a laptop to a cluster, and the ML
+application layer, on one store.
+
+    import keel
+
+    @keel.task(retries=2, cache=True)
+    def square(x: int) -> int:
+        return x * x
+
+    @keel.workflow
+    def total(n: int = 10) -> int:
+        return sum(keel.gather(square.map(range(n))))
+
+    keel.run(total, n=100).result()
+
+Heavy modules (SQLAlchemy, pydantic, the engine) load on first use, so
+`import keel` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from keel.errors import (
+    Cancelled,
+    KeelError,
+    NonDeterminismError,
+    ParameterError,
+    RunFailedError,
+    StepTimeoutError,
+)
+from keel.sdk.context import StepContext, context
+from keel.sdk.definitions import Resources, Task, Workflow, task, workflow
+from keel.sdk.futures import StepFuture, gather, wait
+
+if TYPE_CHECKING:
+    from keel.client import Attempt, Client, Run, Step
+    from keel.engine.api import RunHandle, cancel, resume, retry, run
+    from keel.store.serializers import register_serializer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # defining work
+    "task",
+    "workflow",
+    "Task",
+    "Workflow",
+    "Resources",
+    # inside a workflow
+    "StepFuture",
+    "wait",
+    "gather",
+    "context",
+    "StepContext",
+    # running
+    "run",
+    "resume",
+    "retry",
+    "cancel",
+    "RunHandle",
+    # reading past runs
+    "Client",
+    "Run",
+    "Step",
+    "Attempt",
+    # extending
+    "register_serializer",
+    # errors
+    "KeelError",
+    "ParameterError",
+    "NonDeterminismError",
+    "RunFailedError",
+    "StepTimeoutError",
+    "Cancelled",
+]
+
+_LAZY = {
+    "run": "keel.engine.api",
+    "resume": "keel.engine.api",
+    "retry": "keel.engine.api",
+    "cancel": "keel.engine.api",
+    "RunHandle": "keel.engine.api",
+    "Client": "keel.client",
+    "Run": "keel.client",
+    "Step": "keel.client",
+    "Attempt": "keel.client",
+    "register_serializer": "keel.store.serializers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keel' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

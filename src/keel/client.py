@@ -1,0 +1,248 @@
+"""Read past runs, in the spirit of Metaflow's Client API.
+
+    client = keel.Client()
+    for run in client.runs(workflow="train", status="FAILED"):
+        print(run.id, run.status, [s.key for s in run.steps])
+    client.run(run_id).step("fit-3").output()
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+from keel.errors import RunFailedError, StepNotFoundError
+from keel.status import RunStatus
+from keel.store.config import StoreConfig
+from keel.store.metadata import MetadataStore, open_store
+from keel.store.values import StoredValue
+
+
+def _when(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
+
+
+def _stored(row: Any, prefix: str) -> StoredValue | None:
+    from keel.engine.run import stored_from_row
+
+    return stored_from_row(row, prefix)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    run_id: str
+    seq: int
+    number: int
+    status: str
+    started_at: datetime | None
+    ended_at: datetime | None
+    error_type: str | None
+    error_message: str | None
+    traceback: str | None
+    _store: MetadataStore
+
+    def logs(self) -> str:
+        return "".join(r.text for r in self._store.load_logs(self.run_id, self.seq, self.number))
+
+
+class Step:
+    """One recorded step of a run."""
+
+    def __init__(self, row: Any, store: MetadataStore) -> None:
+        self._row = row
+        self._store = store
+        self.run_id: str = row.run_id
+        self.seq: int = row.seq
+        self.key: str = row.key
+        self.task: str = row.task
+        self.kind: str = row.kind
+        self.status: str = row.status
+        self.started_at = _when(row.started_at)
+        self.ended_at = _when(row.ended_at)
+        self.error_type: str | None = row.error_type
+        self.error_message: str | None = row.error_message
+        self.cached_from: str | None = row.cached_from
+        self.child_run_id: str | None = row.child_run_id
+        self.deps: list[int] = json.loads(row.deps) if row.deps else []
+        self.output_type: str | None = row.output_type
+        self.output_size: int | None = row.output_size
+        self.output_hash: str | None = row.output_hash
+        self.output_ref: str | None = row.output_ref
+
+    def __repr__(self) -> str:
+        return f"<Step {self.key} {self.status}>"
+
+    @property
+    def duration(self) -> float | None:
+        if self._row.started_at is None or self._row.ended_at is None:
+            return None
+        return float(self._row.ended_at - self._row.started_at)
+
+    @cached_property
+    def attempts(self) -> list[Attempt]:
+        return [
+            Attempt(
+                run_id=r.run_id,
+                seq=r.seq,
+                number=r.attempt,
+                status=r.status,
+                started_at=_when(r.started_at),
+                ended_at=_when(r.ended_at),
+                error_type=r.error_type,
+                error_message=r.error_message,
+                traceback=r.traceback,
+                _store=self._store,
+            )
+            for r in self._store.load_attempts(self.run_id, self.seq)
+        ]
+
+    @property
+    def cache(self) -> dict[str, Any] | None:
+        """The parts of the step's cache key (None for tasks without cache=True)."""
+        if self._row.cache_info is None:
+            return None
+        info: dict[str, Any] = json.loads(self._row.cache_info)
+        info["key"] = self._row.cache_key
+        return info
+
+    def has_output(self) -> bool:
+        return self._row.output_serializer is not None
+
+    def output(self) -> Any:
+        """The step's recorded output, read back from the store."""
+        stored = _stored(self._row, "output")
+        if stored is None:
+            raise StepNotFoundError(
+                f"step {self.key} has no recorded output (status {self.status})",
+                run_id=self.run_id,
+                step_key=self.key,
+            )
+        return stored.load(self._store.config.artifacts_url)
+
+    def output_bytes(self) -> bytes:
+        stored = _stored(self._row, "output")
+        if stored is None:
+            raise StepNotFoundError(
+                f"step {self.key} has no recorded output", run_id=self.run_id, step_key=self.key
+            )
+        return stored.read_bytes(self._store.config.artifacts_url)
+
+    @property
+    def serializer(self) -> str | None:
+        return self._row.output_serializer  # type: ignore[no-any-return]
+
+    def logs(self, attempt: int | None = None) -> str:
+        return "".join(r.text for r in self._store.load_logs(self.run_id, self.seq, attempt))
+
+    def consumers(self) -> list[Step]:
+        """Steps of this run that took this step's output as an input (lineage)."""
+        return [Step(r, self._store) for r in self._store.steps_consuming(self.run_id, self.seq)]
+
+
+class Run:
+    """One recorded run of a workflow."""
+
+    def __init__(self, row: Any, store: MetadataStore) -> None:
+        self._row = row
+        self._store = store
+        self.id: str = row.id
+        self.workflow: str = row.workflow
+        self.status: str = row.status
+        self.params: dict[str, Any] = json.loads(row.params) if row.params else {}
+        self.tags: dict[str, str] = json.loads(row.tags) if row.tags else {}
+        self.created_at = _when(row.created_at)
+        self.started_at = _when(row.started_at)
+        self.ended_at = _when(row.ended_at)
+        self.parent_id: str | None = row.parent_id
+        self.retry_of: str | None = row.retry_of
+        self.entrypoint: str | None = row.entrypoint
+        self.error_type: str | None = row.error_type
+        self.error_message: str | None = row.error_message
+        self.traceback: str | None = row.traceback
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id} {self.workflow} {self.status}>"
+
+    @property
+    def duration(self) -> float | None:
+        if self._row.started_at is None or self._row.ended_at is None:
+            return None
+        return float(self._row.ended_at - self._row.started_at)
+
+    @cached_property
+    def steps(self) -> list[Step]:
+        return [Step(r, self._store) for r in self._store.load_steps(self.id)]
+
+    def step(self, key: str | int) -> Step:
+        """A step by key (`train-3`), position (`3`) or task name when it is unique."""
+        steps = self.steps
+        text = str(key)
+        for s in steps:
+            if s.key == text:
+                return s
+        if text.isdigit():
+            for s in steps:
+                if s.seq == int(text):
+                    return s
+        named = [s for s in steps if s.task == text]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise StepNotFoundError(
+                f"task {text!r} ran as {len(named)} steps in run {self.id}",
+                run_id=self.id,
+                hint=f"Name one: {', '.join(s.key for s in named[:5])}"
+                + (" ..." if len(named) > 5 else ""),
+            )
+        raise StepNotFoundError(
+            f"run {self.id} has no step {text!r}",
+            run_id=self.id,
+            hint="See the steps with `keel runs show " + self.id + "`",
+        )
+
+    def children(self) -> list[Run]:
+        return [Run(r, self._store) for r in self._store.list_runs(parent_id=self.id, limit=None)]
+
+    def result(self) -> Any:
+        """The workflow's return value; raises RunFailedError unless the run succeeded."""
+        if self.status != RunStatus.SUCCEEDED:
+            raise RunFailedError(
+                f"run {self.id} of workflow {self.workflow} is {self.status}"
+                + (f": {self.error_type}: {self.error_message}" if self.error_type else ""),
+                run_id=self.id,
+                error_type=self.error_type,
+                traceback=self.traceback,
+                hint=f"See `keel runs show {self.id}`; continue it with `keel resume {self.id}`",
+            )
+        stored = _stored(self._row, "result")
+        return None if stored is None else stored.load(self._store.config.artifacts_url)
+
+
+class Client:
+    """Read access to recorded runs. Uses KEEL_DB_URL / KEEL_HOME unless told otherwise."""
+
+    def __init__(self, db_url: str | None = None, *, store: MetadataStore | None = None) -> None:
+        self.store = store or open_store(StoreConfig.from_env(db_url=db_url))
+
+    def runs(
+        self,
+        workflow: str | None = None,
+        status: str | list[str] | None = None,
+        *,
+        limit: int | None = 100,
+        include_children: bool = False,
+    ) -> list[Run]:
+        """Runs, newest first."""
+        rows = self.store.list_runs(
+            workflow=workflow, status=status, top_level=not include_children, limit=limit
+        )
+        return [Run(r, self.store) for r in rows]
+
+    def run(self, run_id: str) -> Run:
+        rid = self.store.resolve_run_id(run_id)
+        row = self.store.get_run(rid)
+        assert row is not None
+        return Run(row, self.store)

@@ -1,0 +1,1 @@
+"""The durable engine: runs workflow bodies, records steps, replays them on resume."""

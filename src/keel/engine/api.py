@@ -1,0 +1,260 @@
+"""Start, resume, retry and cancel runs; the handle a caller gets back."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from typing import Any
+
+from keel.engine.execute import execute, fresh_state, new_run_row, owner_fields
+from keel.engine.recorder import recorder_for
+from keel.engine.session import Session
+from keel.errors import RunFailedError, RunStateError
+from keel.sdk.definitions import Workflow, registered_workflows
+from keel.status import FINISHED_RUN, REUSABLE_STEP, RunStatus
+from keel.store.config import StoreConfig
+from keel.store.metadata import MetadataStore, open_store
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_run_id() -> str:
+    """Sortable by creation time (like a ULID): 10 time characters, 6 random."""
+    ms = int(time.time() * 1000)
+    head = "".join(_CROCKFORD[(ms >> (5 * i)) & 31] for i in reversed(range(10)))
+    tail = "".join(secrets.choice(_CROCKFORD) for _ in range(6))
+    return head + tail
+
+
+class RunHandle:
+    """A run started from Python: its id, its current status, its result."""
+
+    def __init__(self, run_id: str, store: MetadataStore) -> None:
+        self.id = run_id
+        self._store = store
+
+    def __repr__(self) -> str:
+        return f"<keel run {self.id} {self.status}>"
+
+    @property
+    def status(self) -> str:
+        row = self._store.get_run(self.id)
+        return row.status if row is not None else "UNKNOWN"
+
+    @property
+    def workflow(self) -> str:
+        row = self._store.get_run(self.id)
+        return row.workflow if row is not None else ""
+
+    def result(self) -> Any:
+        """The workflow's return value; raises RunFailedError if the run did not succeed."""
+        from keel.client import Client
+
+        return Client(store=self._store).run(self.id).result()
+
+
+def new_session(
+    *,
+    store: MetadataStore | None = None,
+    executor: str | None = None,
+    max_concurrency: int | None = None,
+) -> Session:
+    store = store or open_store()
+    return Session(
+        store=store,
+        recorder=recorder_for(store),
+        executor_name=executor,
+        max_concurrency=max_concurrency,
+    )
+
+
+def start_run(
+    workflow: Workflow[Any, Any],
+    params: dict[str, Any],
+    *,
+    session: Session | None = None,
+    validated: bool = False,
+) -> RunHandle:
+    """Run a workflow to its end on this thread. `params` are validated unless `validated`."""
+    clean = params if validated else workflow.validate(params)
+    session = session or new_session(executor=workflow.executor)
+    run_id = new_run_id()
+    store = session.store
+    store.insert_run(
+        new_run_row(
+            run_id,
+            workflow,
+            workflow.validator.to_json(clean),
+            executor=session.executor_name or workflow.executor,
+        )
+    )
+    state = fresh_state(session, run_id, workflow, {})
+    try:
+        execute(state, clean)
+    finally:
+        session.close()
+    return RunHandle(run_id, store)
+
+
+def run(workflow: Workflow[Any, Any], /, **params: Any) -> RunHandle:
+    """Run `workflow` durably with `params` and wait for it to end.
+
+    Returns a handle whether the run succeeded or failed; `handle.result()` raises
+    for a failed run. Ctrl-C cancels the run (recorded, resumable) and re-raises.
+    """
+    return start_run(workflow, params)
+
+
+def locate_workflow(name: str, entrypoint: str | None) -> Workflow[Any, Any]:
+    """The workflow a recorded run used: from this process if defined here, else imported."""
+    known = registered_workflows().get(name)
+    if known is not None and (entrypoint is None or known.entrypoint == entrypoint):
+        return known
+    if not entrypoint:
+        raise RunStateError(
+            f"the run records no code location for workflow {name!r}",
+            hint="Import the module that defines it before resuming",
+        )
+    from keel.sdk.loader import load_workflow
+
+    if entrypoint.startswith("__main__:") and known is not None:
+        return known
+    return load_workflow(entrypoint)
+
+
+def _owner_alive(row: Any) -> bool:
+    if row.pid is None or row.pid == os.getpid():
+        return False
+    if row.host != socket.gethostname():
+        return True  # cannot see processes on another host; assume it is alive
+    try:
+        os.kill(row.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resume(
+    run_id: str,
+    *,
+    force: bool = False,
+    session: Session | None = None,
+    store: MetadataStore | None = None,
+) -> RunHandle:
+    """Continue a run that crashed, failed or was cancelled, by replaying its workflow.
+
+    Recorded steps return their recorded outputs without running; the others run.
+    A succeeded run is left as it is. `force` resumes a run that looks alive elsewhere.
+    """
+    store = store or (session.store if session else open_store())
+    rid = store.resolve_run_id(run_id)
+    row = store.get_run(rid)
+    assert row is not None
+    if row.parent_id:
+        raise RunStateError(
+            f"run {rid} is a child of run {row.parent_id}",
+            run_id=rid,
+            hint=f"Resume the parent: keel resume {row.parent_id.split('.')[0]}",
+        )
+    if row.status == RunStatus.SUCCEEDED:
+        return RunHandle(rid, store)
+    if row.status == RunStatus.RUNNING and not force and _owner_alive(row):
+        raise RunStateError(
+            f"run {rid} is still running in process {row.pid} on {row.host}",
+            run_id=rid,
+            hint="Cancel it first (keel cancel), or pass --force if that process is gone",
+        )
+    workflow = locate_workflow(row.workflow, row.entrypoint)
+    params = workflow.validate(json.loads(row.params or "{}"))
+    recorded = {step.seq: step for step in store.load_steps(rid)}
+    store.update_run(
+        rid,
+        status=str(RunStatus.RUNNING),
+        cancel_requested=False,
+        ended_at=None,
+        error_type=None,
+        error_message=None,
+        traceback=None,
+        **owner_fields(),
+    )
+    session = session or new_session(store=store, executor=row.executor)
+    state = fresh_state(session, rid, workflow, recorded)
+    try:
+        execute(state, params)
+    finally:
+        session.close()
+    return RunHandle(rid, store)
+
+
+def retry(
+    run_id: str,
+    *,
+    workflow: Workflow[Any, Any] | None = None,
+    session: Session | None = None,
+    store: MetadataStore | None = None,
+) -> RunHandle:
+    """Start a new run of a finished run's workflow that reuses its succeeded steps.
+
+    The workflow's current code is used, so a fix can be tried: steps are reused in
+    order until the code calls something different, and run fresh from there.
+    """
+    store = store or (session.store if session else open_store())
+    rid = store.resolve_run_id(run_id)
+    row = store.get_run(rid)
+    assert row is not None
+    if row.parent_id:
+        raise RunStateError(
+            f"run {rid} is a child of run {row.parent_id}",
+            run_id=rid,
+            hint="Retry the parent run",
+        )
+    if row.status not in FINISHED_RUN and _owner_alive(row):
+        raise RunStateError(
+            f"run {rid} is still running", run_id=rid, hint="Wait for it or cancel it first"
+        )
+    wf = workflow or locate_workflow(row.workflow, row.entrypoint)
+    params = wf.validate(json.loads(row.params or "{}"))
+    recorded = {s.seq: s for s in store.load_steps(rid) if s.status in REUSABLE_STEP}
+    session = session or new_session(store=store, executor=row.executor)
+    new_id = new_run_id()
+    store.insert_run(
+        new_run_row(
+            new_id, wf, wf.validator.to_json(params), executor=row.executor, retry_of=rid
+        )
+    )
+    state = fresh_state(session, new_id, wf, recorded, strict_replay=False, reused_from=rid)
+    try:
+        execute(state, params)
+    finally:
+        session.close()
+    return RunHandle(new_id, store)
+
+
+def cancel(run_id: str, *, store: MetadataStore | None = None) -> str:
+    """Ask a run to stop. Returns the status it has now (CANCELLED when it was not alive)."""
+    store = store or open_store()
+    rid = store.resolve_run_id(run_id)
+    row = store.get_run(rid)
+    assert row is not None
+    if row.status in FINISHED_RUN:
+        return str(row.status)
+    store.request_cancel(rid)
+    if not _owner_alive(row) and row.pid != os.getpid():
+        store.update_run(
+            rid,
+            status=str(RunStatus.CANCELLED),
+            ended_at=time.time(),
+            error_type="Cancelled",
+            error_message="the run was cancelled",
+        )
+        return str(RunStatus.CANCELLED)
+    return str(row.status)
+
+
+def open_default_store(db_url: str | None = None) -> MetadataStore:
+    return open_store(StoreConfig.from_env(db_url=db_url))

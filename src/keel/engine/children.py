@@ -1,0 +1,79 @@
+"""Child runs: a workflow called inside another workflow's body.
+
+The child gets a deterministic id (`<parent id>.<position>`) so that replaying the
+parent finds and continues the same child run.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from keel.engine.execute import execute, fresh_state, new_run_row
+from keel.engine.run import RunState, StepState, _substitute
+from keel.status import REUSABLE_STEP, RunStatus
+from keel.store.metadata import Batch
+
+
+def start_child(parent: RunState, step: StepState) -> None:
+    thread = threading.Thread(
+        target=_child_main, args=(parent, step), name=f"keel-child-{step.child_run_id}", daemon=True
+    )
+    thread.start()
+
+
+def _child_main(parent: RunState, step: StepState) -> None:
+    workflow = step.workflow
+    assert workflow is not None and step.child_run_id is not None
+    session = parent.session
+    try:
+        for dep in step.deps:
+            dep.result()  # the child starts once its inputs exist
+        args = _substitute(step.args, True)
+        kwargs = _substitute(step.kwargs, True)
+        from keel.executors.base import _resolve
+
+        args = _resolve(args, session.artifacts_url)
+        kwargs = _resolve(kwargs, session.artifacts_url)
+        bound = workflow.signature.bind(*args, **kwargs)
+        params = workflow.validate(bound.arguments, require_json=False)
+        child_id = step.child_run_id
+        store = session.store
+        recorded: dict[int, Any] = {}
+        existing = store.get_run(child_id)
+        reused_from = None
+        if existing is not None:
+            recorded = {row.seq: row for row in store.load_steps(child_id)}
+            session.recorder.run_update(child_id, {"status": str(RunStatus.RUNNING), "ended_at": None})
+        else:
+            row = new_run_row(
+                child_id,
+                workflow,
+                workflow.params_json(params),
+                executor=session.executor_name,
+                parent_id=parent.run_id,
+                parent_seq=step.future.seq,
+            )
+            store.write_batch(Batch(runs_new=[row]))
+            if parent.reused_from is not None:
+                reused_from = f"{parent.reused_from}.{step.future.seq}"
+                recorded = {
+                    r.seq: r for r in store.load_steps(reused_from) if r.status in REUSABLE_STEP
+                }
+        state = fresh_state(
+            session,
+            child_id,
+            workflow,
+            recorded,
+            strict_replay=reused_from is None,
+            reused_from=reused_from,
+        )
+        outcome = execute(state, params)
+    except BaseException as exc:
+        parent.finish_child(step, None, exc)
+        return
+    if outcome.status is RunStatus.SUCCEEDED:
+        parent.finish_child(step, outcome.stored, None)
+    else:
+        assert outcome.error is not None
+        parent.finish_child(step, None, outcome.error)

@@ -1,0 +1,170 @@
+"""Run a workflow body to its end and record the run's outcome.
+
+Shared by root runs (started, resumed or retried from the API) and child runs
+(started by a parent's body on their own thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from keel.engine.run import RunState, _find_futures
+from keel.engine.session import Session
+from keel.errors import Cancelled, KeelError, SerializationError
+from keel.sdk.context import set_runtime
+from keel.sdk.definitions import Workflow
+from keel.sdk.futures import StepFuture
+from keel.status import RunStatus
+from keel.store.values import StoredValue, store_value
+
+# How long a cancelled run waits for steps already running before it is recorded.
+CANCEL_GRACE_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    run_id: str
+    status: RunStatus
+    stored: StoredValue | None = None
+    error: BaseException | None = None
+
+
+def _resolve_result(value: Any) -> Any:
+    futures: list[StepFuture[Any]] = []
+    _find_futures(value, futures)
+    if not futures:
+        return value
+    if isinstance(value, StepFuture):
+        return value.result()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resolve_result(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve_result(v) for k, v in value.items()}
+    return value
+
+
+def owner_fields() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def new_run_row(
+    run_id: str,
+    workflow: Workflow[Any, Any],
+    params_json: str,
+    *,
+    executor: str | None,
+    parent_id: str | None = None,
+    parent_seq: int | None = None,
+    retry_of: str | None = None,
+) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "id": run_id,
+        "workflow": workflow.name,
+        "entrypoint": workflow.entrypoint,
+        "status": str(RunStatus.RUNNING),
+        "params": params_json,
+        "tags": json.dumps(workflow.tags) if workflow.tags else None,
+        "parent_id": parent_id,
+        "parent_seq": parent_seq,
+        "retry_of": retry_of,
+        "executor": executor,
+        "created_at": now,
+        "started_at": now,
+        "cancel_requested": False,
+        **owner_fields(),
+    }
+
+
+def execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
+    """Run the body on this thread; wait for its steps; record how the run ended."""
+    session = state.session
+    workflow = state.workflow
+    status = RunStatus.SUCCEEDED
+    error: BaseException | None = None
+    interrupted: BaseException | None = None
+    value: Any = None
+    previous = set_runtime(state)
+    try:
+        value = _resolve_result(workflow.fn(**params))
+    except Cancelled as exc:
+        status, error = RunStatus.CANCELLED, exc
+    except KeyboardInterrupt as exc:
+        session.cancel()
+        status, error, interrupted = RunStatus.CANCELLED, Cancelled(state.run_id), exc
+    except Exception as exc:
+        status, error = RunStatus.FAILED, exc
+    finally:
+        set_runtime(previous)
+    if session.cancelled and status is RunStatus.SUCCEEDED:
+        status, error = RunStatus.CANCELLED, Cancelled(state.run_id)
+    try:
+        state.wait_idle(CANCEL_GRACE_SECONDS if status is RunStatus.CANCELLED else None)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C: stop waiting for running steps
+        session.cancel()
+        status, error, interrupted = RunStatus.CANCELLED, Cancelled(state.run_id), exc
+    if status is RunStatus.SUCCEEDED:
+        failed = state.unobserved_failure()
+        if failed is not None:
+            status, error = RunStatus.FAILED, failed.peek_error()
+    stored: StoredValue | None = None
+    if status is RunStatus.SUCCEEDED:
+        try:
+            stored = store_value(
+                value,
+                artifacts_url=session.artifacts_url,
+                inline_limit=session.inline_limit,
+                describe=lambda: f"result of workflow {workflow.name}",
+            )
+        except SerializationError as exc:
+            exc.run_id = state.run_id
+            status, error = RunStatus.FAILED, exc
+    session.recorder.run_update(state.run_id, _end_fields(status, stored, error))
+    session.recorder.flush()
+    if interrupted is not None:
+        raise interrupted
+    return RunOutcome(state.run_id, status, stored, error)
+
+
+def _end_fields(
+    status: RunStatus, stored: StoredValue | None, error: BaseException | None
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {"status": str(status), "ended_at": time.time()}
+    if stored is not None:
+        fields.update(
+            result_serializer=stored.serializer,
+            result_inline=stored.inline,
+            result_ref=stored.ref,
+            result_type=stored.type_name,
+        )
+    if error is not None and status is RunStatus.FAILED:
+        cls = type(error)
+        fields.update(
+            error_type=cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}",
+            error_message=error.message if isinstance(error, KeelError) else str(error),
+            traceback="".join(traceback.format_exception(error)),
+        )
+    elif status is RunStatus.CANCELLED:
+        fields.update(error_type="Cancelled", error_message="the run was cancelled")
+    return fields
+
+
+def fresh_state(
+    session: Session,
+    run_id: str,
+    workflow: Workflow[Any, Any],
+    recorded: dict[int, Any],
+    **kwargs: Any,
+) -> RunState:
+    from keel.executors import default_concurrency
+
+    limit = workflow.max_concurrency or session.max_concurrency or default_concurrency()
+    state = RunState(session, run_id, workflow, recorded, max_concurrency=limit, **kwargs)
+    session.recorder.watch_cancel(run_id, session.cancel)
+    return state

@@ -1,0 +1,187 @@
+"""Group commit: one thread writes what the engine records, many events per transaction.
+
+Events are queued in the order they happen and written in that order, so a step's
+record never becomes durable before the records of the steps it consumed. A crash
+loses at most the events not yet written; their steps simply run again on resume.
+Rows are full snapshots, so several events for one step in a batch collapse to the
+last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+from keel.errors import StoreUnavailableError
+from keel.store.metadata import Batch, MetadataStore
+
+log = logging.getLogger("keel.recorder")
+
+_MAX_BATCH_EVENTS = 50_000
+_CANCEL_POLL_SECONDS = 0.5
+_WRITE_RETRY_SECONDS = 60.0
+
+
+class Recorder:
+    def __init__(self, store: MetadataStore) -> None:
+        self.store = store
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._watched: dict[str, Callable[[], None]] = {}
+        self._last_poll = 0.0
+        self.error: BaseException | None = None
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._loop, name="keel-recorder", daemon=True
+                    )
+                    self._thread.start()
+
+    # -- events (any thread) --------------------------------------------------
+    def step(self, row: dict[str, Any]) -> None:
+        self._queue.put(("step", row))
+        if self._thread is None:
+            self._ensure_thread()
+
+    def attempt(self, row: dict[str, Any]) -> None:
+        self._queue.put(("attempt", row))
+
+    def logs(self, rows: list[dict[str, Any]]) -> None:
+        self._queue.put(("logs", rows))
+
+    def artifact(self, row: dict[str, Any]) -> None:
+        self._queue.put(("artifact", row))
+
+    def cache(self, row: dict[str, Any]) -> None:
+        self._queue.put(("cache", row))
+
+    def run_update(self, run_id: str, values: dict[str, Any]) -> None:
+        self._queue.put(("run", (run_id, values)))
+        self._ensure_thread()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything queued so far is written; raise if writing failed."""
+        self._ensure_thread()
+        done = threading.Event()
+        self._queue.put(("barrier", done))
+        if not done.wait(timeout):
+            raise StoreUnavailableError(
+                "the metadata store did not accept writes in time",
+                hint="Check the database; the run can be resumed once it is reachable",
+            )
+        if self.error is not None:
+            raise StoreUnavailableError(
+                f"recording to the metadata store failed: {self.error}",
+                hint="Check the database and disk space; resume the run afterwards",
+            )
+
+    def watch_cancel(self, run_id: str, on_cancel: Callable[[], None]) -> None:
+        self._watched[run_id] = on_cancel
+        self._ensure_thread()
+
+    def unwatch(self, run_id: str) -> None:
+        self._watched.pop(run_id, None)
+
+    # -- writer thread ----------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=_CANCEL_POLL_SECONDS)
+            except queue.Empty:
+                self._poll_cancel()
+                continue
+            batch = Batch()
+            steps: dict[tuple[str, int], dict[str, Any]] = {}
+            attempts: dict[tuple[str, int, int], dict[str, Any]] = {}
+            barriers: list[threading.Event] = []
+            event: tuple[str, Any] | None = first
+            count = 0
+            while event is not None:
+                kind, payload = event
+                if kind == "step":
+                    steps[(payload["run_id"], payload["seq"])] = payload
+                elif kind == "attempt":
+                    attempts[(payload["run_id"], payload["seq"], payload["attempt"])] = payload
+                elif kind == "logs":
+                    batch.logs.extend(payload)
+                elif kind == "artifact":
+                    batch.artifacts.append(payload)
+                elif kind == "cache":
+                    batch.cache.append(payload)
+                elif kind == "run":
+                    run_id, values = payload
+                    batch.run_updates.setdefault(run_id, {}).update(values)
+                elif kind == "barrier":
+                    barriers.append(payload)
+                count += 1
+                if count >= _MAX_BATCH_EVENTS:
+                    break
+                try:
+                    event = self._queue.get_nowait()
+                except queue.Empty:
+                    event = None
+            batch.steps = list(steps.values())
+            batch.attempts = list(attempts.values())
+            if batch:
+                self._write(batch)
+            for barrier in barriers:
+                barrier.set()
+            if time.monotonic() - self._last_poll > _CANCEL_POLL_SECONDS:
+                self._poll_cancel()
+
+    def _write(self, batch: Batch) -> None:
+        deadline = time.monotonic() + _WRITE_RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                self.store.write_batch(batch)
+                return
+            except sa.exc.OperationalError as exc:
+                # A dropped connection or a locked database: wait and write again.
+                if time.monotonic() > deadline:
+                    self.error = exc
+                    log.error("giving up writing to the metadata store: %s", exc)
+                    return
+                log.warning("metadata store write failed, retrying: %s", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except Exception as exc:
+                self.error = exc
+                log.exception("recording failed")
+                return
+
+    def _poll_cancel(self) -> None:
+        self._last_poll = time.monotonic()
+        if not self._watched:
+            return
+        try:
+            cancelled = self.store.cancel_requested(list(self._watched))
+        except sa.exc.SQLAlchemyError:
+            return
+        for run_id in cancelled:
+            callback = self._watched.pop(run_id, None)
+            if callback is not None:
+                callback()
+
+
+_recorders: dict[int, Recorder] = {}
+_lock = threading.Lock()
+
+
+def recorder_for(store: MetadataStore) -> Recorder:
+    """One recorder per store per process, so concurrent runs share group commits."""
+    with _lock:
+        rec = _recorders.get(id(store))
+        if rec is None:
+            rec = _recorders[id(store)] = Recorder(store)
+        return rec

@@ -1,0 +1,148 @@
+"""Typed errors. Every keel error derives from `KeelError`, carries the run and
+step it concerns, and says what the user can do about it.
+
+Retry behaviour lives in fields (`retryable`), never in message text.
+Cancellation derives from `BaseException` so that `except Exception` in user
+code cannot swallow it.
+"""
+
+from __future__ import annotations
+
+
+class KeelError(Exception):
+    """Root of every error keel raises."""
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str | None = None,
+        step_key: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.run_id = run_id
+        self.step_key = step_key
+        self.hint = hint
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = []
+        if self.run_id:
+            where.append(f"run {self.run_id}")
+        if self.step_key:
+            where.append(f"step {self.step_key}")
+        text = self.message
+        if where:
+            text = f"{text} ({', '.join(where)})"
+        if self.hint:
+            text = f"{text}. {self.hint}"
+        return text
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields must survive pickling (process and Ray executors).
+        return (_rebuild, (type(self), self.message, self.run_id, self.step_key, self.hint))
+
+
+def _rebuild(
+    cls: type[KeelError], message: str, run_id: str | None, step_key: str | None, hint: str | None
+) -> KeelError:
+    err = cls.__new__(cls)
+    KeelError.__init__(err, message, run_id=run_id, step_key=step_key, hint=hint)
+    return err
+
+
+class ConfigError(KeelError):
+    """Bad configuration: a database URL, an artifact location, an environment variable."""
+
+
+class StoreUnavailableError(KeelError):
+    """The metadata store cannot be opened or reached."""
+
+    retryable = True
+
+
+class DefinitionError(KeelError):
+    """A task or workflow is defined or located wrongly (unknown file, unknown name)."""
+
+
+class ParameterError(KeelError):
+    """A workflow parameter is missing, unknown, or of the wrong type."""
+
+
+class RunNotFoundError(KeelError):
+    """No run with that id exists in the store."""
+
+
+class StepNotFoundError(KeelError):
+    """No step with that key exists in the run."""
+
+
+class RunStateError(KeelError):
+    """The run is in a state that does not allow the operation (e.g. still running elsewhere)."""
+
+
+class NonDeterminismError(KeelError):
+    """Replay reached a recorded position where the code now calls something else."""
+
+
+class SerializationError(KeelError):
+    """A step output or input cannot be serialized or read back."""
+
+
+class ForeignFutureError(KeelError):
+    """A future from one run was passed to a step of another run."""
+
+
+class StepFailedError(KeelError):
+    """A step failed and its original exception could not be brought back as it was."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str | None = None,
+        step_key: str | None = None,
+        hint: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        self.error_type = error_type
+        super().__init__(message, run_id=run_id, step_key=step_key, hint=hint)
+
+
+class UpstreamFailedError(KeelError):
+    """The step was skipped because a step it depends on failed."""
+
+
+class StepTimeoutError(KeelError):
+    """An attempt ran longer than the task's `timeout`."""
+
+    retryable = True
+
+
+class RunFailedError(KeelError):
+    """Raised by `RunHandle.result()` when the run did not succeed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str | None = None,
+        step_key: str | None = None,
+        hint: str | None = None,
+        error_type: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        self.error_type = error_type
+        self.traceback = traceback
+        super().__init__(message, run_id=run_id, step_key=step_key, hint=hint)
+
+
+class Cancelled(BaseException):  # noqa: N818 - reads as a state, like asyncio.CancelledError
+    """The run was cancelled; raised inside the workflow body to unwind it."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id} was cancelled")

@@ -1,0 +1,170 @@
+"""The executor interface and the function that runs one attempt of a step.
+
+An executor gets a `StepCall`, runs it somewhere by calling `execute_step`, and
+hands the `StepOutcome` to the `done` callback (from any thread). It may run
+`execute_step` in another process or machine: both types pickle with cloudpickle.
+The engine owns retries, recording and scheduling; an executor only runs attempts.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from keel.errors import KeelError
+from keel.executors import capture
+from keel.sdk.context import StepContext, set_step
+from keel.store.values import StoredValue, store_value
+
+_NO_VALUE: Any = None
+
+
+class ValueRef:
+    """A recorded value passed to a step by reference; loaded where the step runs."""
+
+    __slots__ = ("stored",)
+
+    def __init__(self, stored: StoredValue) -> None:
+        self.stored = stored
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ValueRef, (self.stored,))
+
+
+@dataclass(slots=True)
+class StepCall:
+    run_id: str
+    seq: int
+    key: str
+    task: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    attempt: int
+    artifacts_url: str
+    inline_limit: int
+    timeout: float | None = None
+    is_async: bool = False
+    keep_value: bool = True  # return the live value (same process) besides recording it
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def idempotency_key(self) -> str:
+        # Stable across attempts and re-executions after a crash, so an external
+        # system can drop the duplicates that at-least-once execution may send.
+        return f"{self.run_id}/{self.key}"
+
+
+@dataclass(slots=True)
+class StepOutcome:
+    ok: bool
+    started_at: float
+    ended_at: float
+    stored: StoredValue | None = None
+    value: Any = _NO_VALUE
+    has_value: bool = False
+    error: BaseException | None = None
+    error_type: str | None = None
+    error_mro: tuple[str, ...] = ()
+    error_message: str | None = None
+    traceback: str | None = None
+    retryable: bool | None = None  # None: decided by the task's retry_on
+    logs: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Executor(Protocol):
+    """Runs step attempts. Implementations: threads, processes, ray."""
+
+    name: str
+
+    def submit(self, call: StepCall, done: Callable[[StepOutcome], None]) -> None:
+        """Start the attempt; call `done` exactly once with its outcome."""
+
+    def cancel(self, run_id: str) -> None:
+        """Best effort: drop attempts of the run that have not started."""
+
+    def shutdown(self, wait: bool = True) -> None: ...
+
+
+def _qualified(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def failure(
+    exc: BaseException, started: float, *, tb: str | None = None, logs: list[tuple[str, str]] | None = None
+) -> StepOutcome:
+    cls = type(exc)
+    return StepOutcome(
+        ok=False,
+        started_at=started,
+        ended_at=time.time(),
+        error=exc,
+        error_type=_qualified(cls),
+        error_mro=tuple(_qualified(c) for c in cls.__mro__),
+        error_message=str(exc),
+        traceback=tb if tb is not None else "".join(traceback.format_exception(exc)),
+        retryable=exc.retryable if isinstance(exc, KeelError) else None,
+        logs=logs or [],
+    )
+
+
+def _resolve(value: Any, artifacts_url: str) -> Any:
+    kind = type(value)
+    if kind is ValueRef:
+        return value.stored.load(artifacts_url)
+    if kind is list or kind is tuple:
+        if any(type(v) is ValueRef or type(v) in (list, tuple, dict) for v in value):
+            return kind(_resolve(v, artifacts_url) for v in value)
+    elif kind is dict and any(type(v) is ValueRef or type(v) in (list, tuple, dict) for v in value.values()):
+        return {k: _resolve(v, artifacts_url) for k, v in value.items()}
+    return value
+
+
+def execute_step(call: StepCall) -> StepOutcome:
+    """Run one attempt here, capturing its output, and record its return value."""
+    import logging
+
+    capture.install()
+    buffer = capture.StepLogBuffer()
+    capture.set_buffer(buffer)
+    previous = set_step(
+        StepContext(
+            run_id=call.run_id,
+            step_key=call.key,
+            task=call.task,
+            attempt=call.attempt,
+            idempotency_key=call.idempotency_key,
+            logger=logging.getLogger(f"keel.step.{call.task}"),
+        )
+    )
+    started = time.time()
+    try:
+        args = _resolve(call.args, call.artifacts_url) if call.args else ()
+        kwargs = _resolve(call.kwargs, call.artifacts_url) if call.kwargs else {}
+        if call.is_async:
+            import asyncio
+
+            value = asyncio.run(call.fn(*args, **kwargs))
+        else:
+            value = call.fn(*args, **kwargs)
+        stored = store_value(
+            value,
+            artifacts_url=call.artifacts_url,
+            inline_limit=call.inline_limit,
+            describe=lambda: f"output of step {call.key}",
+        )
+        if call.keep_value:
+            return StepOutcome(True, started, time.time(), stored, value, True, logs=buffer.chunks)
+        return StepOutcome(True, started, time.time(), stored, logs=buffer.chunks)
+    except Exception as exc:
+        if isinstance(exc, KeelError) and exc.step_key is None:
+            exc.step_key = call.key
+            exc.run_id = call.run_id
+            exc.args = (exc._render(),)
+        return failure(exc, started, logs=buffer.chunks)
+    finally:
+        set_step(previous)
+        capture.set_buffer(None)

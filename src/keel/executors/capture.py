@@ -1,0 +1,107 @@
+"""Per-step capture of stdout, stderr and `logging` output.
+
+`sys.stdout`/`sys.stderr` are process-wide, so they are replaced once by a router
+that sends text to the buffer of the step running on the current thread, and to
+the real stream otherwise. A root logging handler does the same for log records.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import threading
+from typing import Any, TextIO
+
+
+class StepLogBuffer:
+    """What one attempt printed and logged, as (stream, text) chunks in order."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[str, str]] = []
+
+    def write(self, stream: str, text: str) -> None:
+        if self.chunks and self.chunks[-1][0] == stream:
+            self.chunks[-1] = (stream, self.chunks[-1][1] + text)
+        else:
+            self.chunks.append((stream, text))
+
+
+_local = threading.local()
+
+
+def current_buffer() -> StepLogBuffer | None:
+    return getattr(_local, "buffer", None)
+
+
+def set_buffer(buffer: StepLogBuffer | None) -> None:
+    _local.buffer = buffer
+
+
+class _Router(io.TextIOBase):
+    def __init__(self, stream_name: str, real: TextIO) -> None:
+        self.stream_name = stream_name
+        self.real = real
+
+    def write(self, text: str) -> int:
+        buffer = getattr(_local, "buffer", None)
+        if buffer is None:
+            return self.real.write(text)
+        buffer.write(self.stream_name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        if getattr(_local, "buffer", None) is None:
+            self.real.flush()
+
+    def isatty(self) -> bool:
+        return self.real.isatty()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.real, "encoding", "utf-8")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class _StepLogHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        buffer = getattr(_local, "buffer", None)
+        if buffer is not None:
+            try:
+                buffer.write("log", self.format(record) + "\n")
+            except Exception:
+                self.handleError(record)
+
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+def install() -> None:
+    """Route this process's output through the per-step buffers (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    with _install_lock:
+        if _installed:
+            return
+        if not isinstance(sys.stdout, _Router):
+            sys.stdout = _Router("stdout", sys.stdout)
+        if not isinstance(sys.stderr, _Router):
+            sys.stderr = _Router("stderr", sys.stderr)
+        root = logging.getLogger()
+        root.addHandler(_StepLogHandler())
+        # Step loggers must reach the handler even when the root level is WARNING.
+        logging.getLogger("keel.step").setLevel(logging.DEBUG)
+        _installed = True

@@ -1,0 +1,1 @@
+"""The public SDK: decorators, futures and the step context."""

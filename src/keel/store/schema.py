@@ -1,0 +1,135 @@
+"""The metadata tables. Migrations in `store/migrations` create and evolve them;
+this module is what the code queries through.
+
+Times are epoch seconds (float) so that SQLite and PostgreSQL behave alike.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+# Bump together with a new file in store/migrations/versions.
+SCHEMA_REVISION = "0001"
+
+metadata = MetaData()
+
+runs = Table(
+    "keel_runs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("workflow", String(200), nullable=False),
+    Column("entrypoint", Text),
+    Column("status", String(16), nullable=False),
+    Column("params", Text),
+    Column("tags", Text),
+    Column("parent_id", String(64)),
+    Column("parent_seq", Integer),
+    Column("retry_of", String(64)),
+    Column("executor", String(40)),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("ended_at", Float),
+    Column("result_serializer", String(40)),
+    Column("result_inline", LargeBinary),
+    Column("result_ref", String(64)),
+    Column("result_type", String(200)),
+    Column("error_type", String(200)),
+    Column("error_message", Text),
+    Column("traceback", Text),
+    Column("host", String(200)),
+    Column("pid", Integer),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Index("ix_keel_runs_workflow_created", "workflow", "created_at"),
+    Index("ix_keel_runs_created", "created_at"),
+    Index("ix_keel_runs_status", "status"),
+    Index("ix_keel_runs_parent", "parent_id"),
+)
+
+steps = Table(
+    "keel_steps",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("key", String(250), nullable=False),
+    Column("task", String(200), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("started_at", Float),
+    Column("ended_at", Float),
+    Column("deps", Text),
+    Column("output_serializer", String(40)),
+    Column("output_inline", LargeBinary),
+    Column("output_ref", String(64)),
+    Column("output_hash", String(64)),
+    Column("output_type", String(200)),
+    Column("output_size", Integer),
+    Column("cache_key", String(64)),
+    Column("cache_info", Text),
+    Column("cached_from", String(100)),
+    Column("child_run_id", String(64)),
+    Column("error_type", String(200)),
+    Column("error_message", Text),
+    Index("ix_keel_steps_output_ref", "output_ref"),
+)
+
+attempts = Table(
+    "keel_attempts",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("started_at", Float),
+    Column("ended_at", Float),
+    Column("error_type", String(200)),
+    Column("error_message", Text),
+    Column("traceback", Text),
+)
+
+logs = Table(
+    "keel_logs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("stream", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_keel_logs_run_seq", "run_id", "seq", "attempt"),
+)
+
+artifacts = Table(
+    "keel_artifacts",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("size", Integer, nullable=False),
+    Column("serializer", String(40), nullable=False),
+    Column("type_name", String(200)),
+    Column("uri", Text, nullable=False),
+    Column("run_id", String(64)),
+    Column("seq", Integer),
+    Column("created_at", Float, nullable=False),
+)
+
+cache_entries = Table(
+    "keel_cache",
+    metadata,
+    Column("cache_key", String(64), primary_key=True),
+    Column("task", String(200), nullable=False),
+    Column("run_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
