@@ -24,6 +24,10 @@ from keel.store.metadata import Batch, MetadataStore
 log = logging.getLogger("keel.recorder")
 
 _MAX_BATCH_EVENTS = 50_000
+# After the first event of a batch, gather more for at most this long before the
+# commit (a flush request commits at once). One commit per event would cost more
+# than the steps themselves when they trickle in one at a time.
+COMMIT_INTERVAL_SECONDS = 0.01
 _CANCEL_POLL_SECONDS = 0.5
 _WRITE_RETRY_SECONDS = 60.0
 
@@ -36,6 +40,7 @@ class Recorder:
         self._start_lock = threading.Lock()
         self._watched: dict[str, Callable[[], None]] = {}
         self._last_poll = 0.0
+        self._wake = threading.Event()
         self.error: BaseException | None = None
 
     def _ensure_thread(self) -> None:
@@ -74,6 +79,7 @@ class Recorder:
         self._ensure_thread()
         done = threading.Event()
         self._queue.put(("barrier", done))
+        self._wake.set()
         if not done.wait(timeout):
             raise StoreUnavailableError(
                 "the metadata store did not accept writes in time",
@@ -104,6 +110,10 @@ class Recorder:
             steps: dict[tuple[str, int], dict[str, Any]] = {}
             attempts: dict[tuple[str, int, int], dict[str, Any]] = {}
             barriers: list[threading.Event] = []
+            if first[0] != "barrier":
+                # Let the batch fill without waking for every event; a flush wakes us.
+                self._wake.wait(COMMIT_INTERVAL_SECONDS)
+            self._wake.clear()
             event: tuple[str, Any] | None = first
             count = 0
             while event is not None:

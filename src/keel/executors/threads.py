@@ -4,6 +4,11 @@ Live values pass between steps without serialization (each output is still
 recorded). A timed-out attempt is reported at its deadline; its thread is asked
 to stop (an asynchronous exception, delivered when it next runs Python code) and
 a fresh thread takes its place so the pool keeps its size.
+
+The pool grows only when work waits while no step finishes: threads that run
+short pure-Python steps just fight over the GIL, so a backlog of quick steps is
+served by few threads, while steps that block (I/O, sleeps, native code that
+releases the GIL) stall completions and make the pool grow up to its maximum.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ class _Slot:
         return True
 
 
+# Grow the pool when queued work has seen no step finish for this long.
+STALL_SECONDS = 0.02
+# Threads started at once, before anything is known about the steps.
+EAGER_THREADS = 2
+
+
 class ThreadExecutor:
     name = "threads"
 
@@ -51,18 +62,44 @@ class ThreadExecutor:
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
+        self._last_finish = time.monotonic()
+        self._growth_check_pending = False
         self._cancelled: set[str] = set()
         self._closed = False
 
     def submit(self, call: StepCall, done: Callable[[StepOutcome], None]) -> None:
-        slot = _Slot(call, done)
-        self._queue.put(slot)
+        self._queue.put(_Slot(call, done))
         with self._lock:
-            if self._idle > 0 or self._threads >= self.max_workers:
-                self._idle -= 1 if self._idle > 0 else 0
+            if self._idle > 0:
+                self._idle -= 1
+                return
+            if self._threads >= self.max_workers:
+                return
+            if self._threads >= EAGER_THREADS:
+                self._schedule_growth_check_locked()
                 return
             self._threads += 1
+        self._spawn()
+
+    def _spawn(self) -> None:
         threading.Thread(target=self._work, name="keel-step", daemon=True).start()
+
+    def _schedule_growth_check_locked(self) -> None:
+        if not self._growth_check_pending:
+            self._growth_check_pending = True
+            timers.call_later(STALL_SECONDS, self._growth_check)
+
+    def _growth_check(self) -> None:
+        with self._lock:
+            self._growth_check_pending = False
+            if self._closed or self._queue.empty() or self._threads >= self.max_workers:
+                return
+            stalled = time.monotonic() - self._last_finish >= STALL_SECONDS
+            if stalled:
+                self._threads += 1
+            self._schedule_growth_check_locked()
+        if stalled:
+            self._spawn()
 
     def _work(self) -> None:
         while True:
@@ -76,6 +113,7 @@ class ThreadExecutor:
                 abandoned = self._run(slot)
                 if abandoned:
                     return  # a replacement thread took this one's place
+            self._last_finish = time.monotonic()
             with self._lock:
                 self._idle += 1
 

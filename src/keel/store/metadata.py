@@ -70,6 +70,7 @@ class MetadataStore:
         self.url = config.db_url
         self.engine = self._create_engine(config.db_url)
         self.dialect = self.engine.dialect.name
+        self._sql_cache: dict[tuple[str, tuple[str, ...]], str] = {}
         self._ensure_schema()
 
     # -- opening --------------------------------------------------------------
@@ -149,23 +150,32 @@ class MetadataStore:
 
     # -- writes ---------------------------------------------------------------
     def _upsert(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """Insert or replace rows, in one executemany on the driver.
+
+        This is the engine's hot path (two rows per step), so it skips SQLAlchemy's
+        per-row parameter processing: the statement is plain SQL that SQLite and
+        PostgreSQL both accept, and the rows go to the driver as tuples.
+        """
         if not rows:
             return
-        keys = [c.name for c in table.primary_key.columns]
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
+        cols = tuple(rows[0])
+        sql = self._upsert_sql(table, cols)
+        conn.exec_driver_sql(sql, [tuple(row[c] for c in cols) for row in rows])
 
-            stmt: Any = pg_insert(table)
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(table)
-        cols = rows[0].keys()
-        stmt = stmt.on_conflict_do_update(
-            index_elements=keys,
-            set_={c: stmt.excluded[c] for c in cols if c not in keys},
-        )
-        conn.execute(stmt, rows)
+    def _upsert_sql(self, table: sa.Table, cols: tuple[str, ...]) -> str:
+        key = (table.name, cols)
+        sql = self._sql_cache.get(key)
+        if sql is None:
+            keys = [c.name for c in table.primary_key.columns]
+            mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+            updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in keys)
+            sql = (
+                f"INSERT INTO {table.name} ({', '.join(cols)}) "
+                f"VALUES ({', '.join(mark for _ in cols)}) "
+                f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
+            )
+            self._sql_cache[key] = sql
+        return sql
 
     def _insert_ignore(
         self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]
