@@ -1,0 +1,1 @@
+"""Workflow files that tests run in subprocesses (and load again to resume)."""
