@@ -153,6 +153,8 @@ class Run:
         self.status: str = row.status
         self.params: dict[str, Any] = json.loads(row.params) if row.params else {}
         self.tags: dict[str, str] = json.loads(row.tags) if row.tags else {}
+        # Each task's options as the run used them: retries, timeout, resources, tags...
+        self.tasks: dict[str, dict[str, Any]] = json.loads(row.tasks) if row.tasks else {}
         self.created_at = _when(row.created_at)
         self.started_at = _when(row.started_at)
         self.ended_at = _when(row.ended_at)

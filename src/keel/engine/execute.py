@@ -125,6 +125,7 @@ def execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
         except SerializationError as exc:
             exc.run_id = state.run_id
             status, error = RunStatus.FAILED, exc
+    session.recorder.unwatch(state.run_id)
     session.recorder.run_update(state.run_id, _end_fields(status, stored, error))
     session.recorder.flush()
     if interrupted is not None:

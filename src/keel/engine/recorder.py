@@ -86,8 +86,9 @@ class Recorder:
                 hint="Check the database; the run can be resumed once it is reachable",
             )
         if self.error is not None:
+            error, self.error = self.error, None
             raise StoreUnavailableError(
-                f"recording to the metadata store failed: {self.error}",
+                f"recording to the metadata store failed: {error}",
                 hint="Check the database and disk space; resume the run afterwards",
             )
 

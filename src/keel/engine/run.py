@@ -165,6 +165,8 @@ class RunState:
         self._parked: dict[str, deque[StepState]] = {}
         self._active: dict[int, StepState] = {}
         self._failures: list[StepFuture[Any]] = []
+        self._tasks_seen: dict[str, dict[str, Any]] = {}
+        self._upstream: dict[int, StepFuture[Any]] = {}  # skipped step -> the failure behind it
         self._idle = threading.Event()
         self._idle.set()
         self._recorder = session.recorder
@@ -201,8 +203,33 @@ class RunState:
         if kwargs:
             _find_futures(kwargs, deps)
         step = StepState(future, task, args, kwargs, deps, attempt)
+        if task.name not in self._tasks_seen:
+            self._record_task(task)
         self._enqueue(step)
         return future
+
+    def _record_task(self, task: Task[Any, Any]) -> None:
+        """Keep the options each task ran with (resources, retries...) on the run's record."""
+        opts = task.opts
+        with self.lock:
+            self._tasks_seen[task.name] = {
+                "retries": opts.retries,
+                "timeout": opts.timeout,
+                "cache": opts.cache,
+                "cache_version": opts.cache_version,
+                "executor": opts.executor,
+                "max_concurrency": opts.max_concurrency,
+                "tags": dict(opts.tags),
+                "resources": {
+                    "cpus": opts.resources.cpus,
+                    "gpus": opts.resources.gpus,
+                    "memory": opts.resources.memory,
+                    **dict(opts.resources.custom),
+                },
+                "code_hash": task.code_hash,
+            }
+            snapshot = json.dumps(self._tasks_seen, sort_keys=True)
+        self._recorder.run_update(self.run_id, {"tasks": snapshot})
 
     def map_task(
         self, task: Task[Any, Any], items: Iterable[Any], common: Mapping[str, Any]
@@ -334,6 +361,7 @@ class RunState:
             self._parked.setdefault(name, deque()).append(step)
             return []
         self._running += 1
+        self._progress.running += 1
         step.admitted = True
         if limit is not None:
             self._running_by_task[name] = self._running_by_task.get(name, 0) + 1
@@ -381,7 +409,6 @@ class RunState:
         now = time.time()
         if step.started_at is None:
             step.started_at = now
-            self._progress.running += 1
         self._recorder.step(self._step_row(step, None))
         live = executor.name == "threads"
         call = StepCall(
@@ -417,7 +444,6 @@ class RunState:
         stored = stored_from_row(row)
         step.cached_from = f"{row.run_id}/{row.key}"
         step.started_at = step.ended_at = time.time()
-        self._progress.running += 1
         return self._finish(step, StepStatus.CACHED, stored=stored)
 
     # -- outcomes -----------------------------------------------------------------------
@@ -506,6 +532,7 @@ class RunState:
             run_id=self.run_id,
             step_key=step.future.key,
         )
+        self._upstream[step.future.seq] = failed
         return self._finish(step, StepStatus.SKIPPED, error=error)
 
     def _finish(
@@ -545,7 +572,7 @@ class RunState:
         ready: list[StepState] = []
         progress = self._progress
         with self.lock:
-            if was_running:
+            if step.admitted or step.kind == "workflow":
                 progress.running -= 1
             if status is StepStatus.SUCCEEDED:
                 progress.succeeded += 1
@@ -631,10 +658,17 @@ class RunState:
         return self._idle.wait(timeout)
 
     def unobserved_failure(self) -> StepFuture[Any] | None:
+        """A failed step whose error the body never saw, directly or through a step it
+        caused to be skipped: such a failure fails the run."""
+        seen: set[int] = set()
         for future in self._failures:
-            if not future.was_observed() and not isinstance(
-                future.peek_error(), UpstreamFailedError
-            ):
+            if future.was_observed():
+                cause: StepFuture[Any] | None = future
+                while cause is not None and cause.seq not in seen:
+                    seen.add(cause.seq)
+                    cause = self._upstream.get(cause.seq)
+        for future in self._failures:
+            if future.seq not in seen and future.seq not in self._upstream:
                 return future
         return None
 

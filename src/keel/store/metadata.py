@@ -160,7 +160,7 @@ class MetadataStore:
             return
         cols = tuple(rows[0])
         sql = self._upsert_sql(table, cols)
-        conn.exec_driver_sql(sql, [tuple(row[c] for c in cols) for row in rows])
+        conn.exec_driver_sql(sql, [tuple(row.get(c) for c in cols) for row in rows])
 
     def _upsert_sql(self, table: sa.Table, cols: tuple[str, ...]) -> str:
         key = (table.name, cols)

@@ -33,6 +33,7 @@ runs = Table(
     Column("status", String(16), nullable=False),
     Column("params", Text),
     Column("tags", Text),
+    Column("tasks", Text),  # JSON: each task's options as used by the run (resources, retries...)
     Column("parent_id", String(64)),
     Column("parent_seq", Integer),
     Column("retry_of", String(64)),

@@ -21,6 +21,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("params", sa.Text),
         sa.Column("tags", sa.Text),
+        sa.Column("tasks", sa.Text),
         sa.Column("parent_id", sa.String(64)),
         sa.Column("parent_seq", sa.Integer),
         sa.Column("retry_of", sa.String(64)),
