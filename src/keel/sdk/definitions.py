@@ -337,6 +337,11 @@ def workflow(
 
     def make(f: Callable[P, R]) -> Workflow[P, R]:
         wf_name = name or f.__name__
+        if inspect.iscoroutinefunction(f):
+            raise DefinitionError(
+                f"workflow {wf_name} is an async function",
+                hint="Make the workflow body a plain def; its tasks may be async",
+            )
         _check_executor(executor, f"workflow {wf_name}")
         if max_concurrency is not None and max_concurrency < 1:
             raise DefinitionError(f"workflow {wf_name}: max_concurrency must be >= 1")
