@@ -89,17 +89,22 @@ _install_lock = threading.Lock()
 
 
 def install() -> None:
-    """Route this process's output through the per-step buffers (idempotent)."""
+    """Route this process's output through the per-step buffers (idempotent).
+
+    Called before every attempt: when something replaced `sys.stdout`/`sys.stderr`
+    since the last call (pytest's capture, `contextlib.redirect_stdout`, a notebook),
+    the new stream is wrapped too, so step output is still captured.
+    """
     global _installed
-    if _installed:
+    if _installed and type(sys.stdout) is _Router and type(sys.stderr) is _Router:
         return
     with _install_lock:
-        if _installed:
-            return
         if not isinstance(sys.stdout, _Router):
             sys.stdout = _Router("stdout", sys.stdout)
         if not isinstance(sys.stderr, _Router):
             sys.stderr = _Router("stderr", sys.stderr)
+        if _installed:
+            return
         root = logging.getLogger()
         root.addHandler(_StepLogHandler())
         # Step loggers must reach the handler even when the root level is WARNING.
