@@ -1,9 +1,9 @@
 """Read past runs, in the spirit of Metaflow's Client API.
 
-    client = keel.Client()
-    for run in client.runs(workflow="train", status="FAILED"):
-        print(run.id, run.status, [s.key for s in run.steps])
-    client.run(run_id).step("fit-3").output()
+client = keel.Client()
+for run in client.runs(workflow="train", status="FAILED"):
+    print(run.id, run.status, [s.key for s in run.steps])
+client.run(run_id).step("fit-3").output()
 """
 
 from __future__ import annotations

@@ -54,6 +54,13 @@ def _rebuild(
     return err
 
 
+def qualified_name(cls: type) -> str:
+    """`ValueError` for builtins, `package.module.Class` for everything else."""
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class ConfigError(KeelError):
     """Bad configuration: a database URL, an artifact location, an environment variable."""
 
@@ -140,7 +147,7 @@ class RunFailedError(KeelError):
         super().__init__(message, run_id=run_id, step_key=step_key, hint=hint)
 
 
-class Cancelled(BaseException):  # noqa: N818 - reads as a state, like asyncio.CancelledError
+class Cancelled(BaseException):
     """The run was cancelled; raised inside the workflow body to unwind it."""
 
     def __init__(self, run_id: str) -> None:

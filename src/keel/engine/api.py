@@ -12,7 +12,7 @@ from typing import Any
 from keel.engine.execute import execute, fresh_state, new_run_row, owner_fields
 from keel.engine.recorder import recorder_for
 from keel.engine.session import Session
-from keel.errors import RunFailedError, RunStateError
+from keel.errors import RunStateError
 from keel.sdk.definitions import Workflow, registered_workflows
 from keel.status import FINISHED_RUN, REUSABLE_STEP, RunStatus
 from keel.store.config import StoreConfig
@@ -223,9 +223,7 @@ def retry(
     session = session or new_session(store=store, executor=row.executor)
     new_id = new_run_id()
     store.insert_run(
-        new_run_row(
-            new_id, wf, wf.validator.to_json(params), executor=row.executor, retry_of=rid
-        )
+        new_run_row(new_id, wf, wf.validator.to_json(params), executor=row.executor, retry_of=rid)
     )
     state = fresh_state(session, new_id, wf, recorded, strict_replay=False, reused_from=rid)
     try:

@@ -25,7 +25,9 @@ def _input_digest(value: Any) -> str:
     return content_digest(enc.serializer, enc.data)
 
 
-def cache_parts(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def cache_parts(
+    task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     """Everything the cache key depends on, by name (recorded with the step)."""
     inputs = {f"arg{i}": _input_digest(v) for i, v in enumerate(args)}
     inputs.update({k: _input_digest(v) for k, v in sorted(kwargs.items())})

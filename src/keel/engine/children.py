@@ -44,7 +44,9 @@ def _child_main(parent: RunState, step: StepState) -> None:
         reused_from = None
         if existing is not None:
             recorded = {row.seq: row for row in store.load_steps(child_id)}
-            session.recorder.run_update(child_id, {"status": str(RunStatus.RUNNING), "ended_at": None})
+            session.recorder.run_update(
+                child_id, {"status": str(RunStatus.RUNNING), "ended_at": None}
+            )
         else:
             row = new_run_row(
                 child_id,

@@ -16,7 +16,7 @@ from typing import Any
 
 from keel.engine.run import RunState, _find_futures
 from keel.engine.session import Session
-from keel.errors import Cancelled, KeelError, SerializationError
+from keel.errors import Cancelled, KeelError, SerializationError, qualified_name
 from keel.sdk.context import set_runtime
 from keel.sdk.definitions import Workflow
 from keel.sdk.futures import StepFuture
@@ -145,9 +145,8 @@ def _end_fields(
             result_type=stored.type_name,
         )
     if error is not None and status is RunStatus.FAILED:
-        cls = type(error)
         fields.update(
-            error_type=cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}",
+            error_type=qualified_name(type(error)),
             error_message=error.message if isinstance(error, KeelError) else str(error),
             traceback="".join(traceback.format_exception(error)),
         )

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import random
 
+from keel.errors import qualified_name
 from keel.executors.base import StepOutcome
 from keel.sdk.definitions import TaskOptions
-
-
-def _qualified(cls: type) -> str:
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def should_retry(opts: TaskOptions, attempt: int, outcome: StepOutcome) -> bool:
@@ -20,7 +17,7 @@ def should_retry(opts: TaskOptions, attempt: int, outcome: StepOutcome) -> bool:
         return True
     # Match by qualified class names so errors that crossed a process boundary
     # without their exception object are judged the same way.
-    wanted = {_qualified(t) for t in opts.retry_on}
+    wanted = {qualified_name(t) for t in opts.retry_on}
     return any(name in wanted for name in outcome.error_mro)
 
 

@@ -27,7 +27,7 @@ from keel.errors import (
     StepFailedError,
     UpstreamFailedError,
 )
-from keel.executors.base import StepCall, StepOutcome, ValueRef, failure
+from keel.executors.base import StepCall, StepOutcome, ValueRef
 from keel.sdk.definitions import Task, Workflow
 from keel.sdk.futures import _PENDING, StepFuture
 from keel.status import REUSABLE_STEP, StepStatus
@@ -307,7 +307,9 @@ class RunState:
 
     def _reused_row(self, row: Any, future: StepFuture[Any]) -> dict[str, Any]:
         values = dict(row._mapping)
-        values.update(run_id=self.run_id, key=future.key, cached_from=f"{self.reused_from}/{row.key}")
+        values.update(
+            run_id=self.run_id, key=future.key, cached_from=f"{self.reused_from}/{row.key}"
+        )
         return values
 
     # -- scheduling -------------------------------------------------------------------
@@ -611,7 +613,9 @@ class RunState:
                 ready.extend(self._skip(dependent, step.future))
         return ready
 
-    def finish_child(self, step: StepState, stored: StoredValue | None, error: BaseException | None) -> None:
+    def finish_child(
+        self, step: StepState, stored: StoredValue | None, error: BaseException | None
+    ) -> None:
         """Called by the child-run thread when the child workflow run ended."""
         if error is None:
             ready = self._finish(step, StepStatus.SUCCEEDED, stored=stored)
@@ -676,7 +680,9 @@ class RunState:
         """Cancellation: steps not started yet end now; the body wakes with Cancelled."""
         with self.lock:
             waiting = [
-                s for s in self._active.values() if s.status is StepStatus.PENDING and s.kind == "task"
+                s
+                for s in self._active.values()
+                if s.status is StepStatus.PENDING and s.kind == "task"
             ]
             self._ready.clear()
             self._parked.clear()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from keel.errors import KeelError
+from keel.errors import KeelError, qualified_name
 from keel.executors import capture
 from keel.sdk.context import StepContext, set_step
 from keel.store.values import StoredValue, store_value
@@ -89,12 +89,12 @@ class Executor(Protocol):
     def shutdown(self, wait: bool = True) -> None: ...
 
 
-def _qualified(cls: type) -> str:
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
 def failure(
-    exc: BaseException, started: float, *, tb: str | None = None, logs: list[tuple[str, str]] | None = None
+    exc: BaseException,
+    started: float,
+    *,
+    tb: str | None = None,
+    logs: list[tuple[str, str]] | None = None,
 ) -> StepOutcome:
     cls = type(exc)
     return StepOutcome(
@@ -102,8 +102,8 @@ def failure(
         started_at=started,
         ended_at=time.time(),
         error=exc,
-        error_type=_qualified(cls),
-        error_mro=tuple(_qualified(c) for c in cls.__mro__),
+        error_type=qualified_name(cls),
+        error_mro=tuple(qualified_name(c) for c in cls.__mro__),
         error_message=str(exc),
         traceback=tb if tb is not None else "".join(traceback.format_exception(exc)),
         retryable=exc.retryable if isinstance(exc, KeelError) else None,
@@ -118,7 +118,9 @@ def _resolve(value: Any, artifacts_url: str) -> Any:
     if kind is list or kind is tuple:
         if any(type(v) is ValueRef or type(v) in (list, tuple, dict) for v in value):
             return kind(_resolve(v, artifacts_url) for v in value)
-    elif kind is dict and any(type(v) is ValueRef or type(v) in (list, tuple, dict) for v in value.values()):
+    elif kind is dict and any(
+        type(v) is ValueRef or type(v) in (list, tuple, dict) for v in value.values()
+    ):
         return {k: _resolve(v, artifacts_url) for k, v in value.items()}
     return value
 

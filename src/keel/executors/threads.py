@@ -24,7 +24,7 @@ from keel.errors import StepTimeoutError
 from keel.executors.base import StepCall, StepOutcome, execute_step, failure
 
 
-class _Abandoned(BaseException):  # noqa: N818
+class _Abandoned(BaseException):
     """Raised inside a timed-out step's thread to unwind it; never shown to users."""
 
 
@@ -118,6 +118,7 @@ class ThreadExecutor:
                 self._idle += 1
 
     def _run(self, slot: _Slot) -> bool:
+        """Run one attempt; True when the thread was abandoned (timed out) meanwhile."""
         call = slot.call
         slot.thread_id = threading.get_ident()
         if call.timeout is not None:
@@ -126,9 +127,8 @@ class ThreadExecutor:
             outcome = execute_step(call)
         except _Abandoned:
             return True
-        if not slot.finish(outcome):
-            return True  # timed out while finishing: the replacement already exists
-        return False
+        # Finishing fails when the attempt timed out meanwhile: a replacement thread exists.
+        return not slot.finish(outcome)
 
     def _expire(self, slot: _Slot) -> None:
         call = slot.call

@@ -43,9 +43,7 @@ class ParamValidator:
             self.labels[name] = _type_label(tp)
             if tp is not inspect.Parameter.empty:
                 self.adapters[name] = TypeAdapter(tp, config=config)
-        self.accepts_extra = any(
-            p.kind == p.VAR_KEYWORD for p in signature.parameters.values()
-        )
+        self.accepts_extra = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
 
     def validate(self, given: Mapping[str, Any], require_json: bool = True) -> dict[str, Any]:
         from pydantic import ValidationError

@@ -240,7 +240,9 @@ class MetadataStore:
         """Accept a full id or an unambiguous prefix of one, as git does."""
         text = run_id.strip()
         if not text:
-            raise RunNotFoundError("an empty run id was given", hint="Pass a run id from `keel runs ls`")
+            raise RunNotFoundError(
+                "an empty run id was given", hint="Pass a run id from `keel runs ls`"
+            )
         with self.engine.connect() as conn:
             if conn.execute(sa.select(runs.c.id).where(runs.c.id == text)).first():
                 return text
@@ -319,9 +321,13 @@ class MetadataStore:
             sa.select(steps)
             .join(
                 cache_entries,
-                sa.and_(steps.c.run_id == cache_entries.c.run_id, steps.c.seq == cache_entries.c.seq),
+                sa.and_(
+                    steps.c.run_id == cache_entries.c.run_id, steps.c.seq == cache_entries.c.seq
+                ),
             )
-            .where(cache_entries.c.cache_key == cache_key, steps.c.status.in_(["SUCCEEDED", "CACHED"]))
+            .where(
+                cache_entries.c.cache_key == cache_key, steps.c.status.in_(["SUCCEEDED", "CACHED"])
+            )
         )
         with self.engine.connect() as conn:
             return conn.execute(stmt).first()
@@ -331,11 +337,7 @@ class MetadataStore:
         # deps is a JSON list of seqs; the run is scanned once, which is fine for a lookup.
         import json
 
-        return [
-            row
-            for row in self.load_steps(run_id)
-            if row.deps and seq in json.loads(row.deps)
-        ]
+        return [row for row in self.load_steps(run_id) if row.deps and seq in json.loads(row.deps)]
 
     def steps_with_output(self, digest: str) -> list[Row[Any]]:
         with self.engine.connect() as conn:

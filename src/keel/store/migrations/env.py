@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from keel.store.schema import metadata
-
 from keel.store.migrations.env_names import VERSION_TABLE
+from keel.store.schema import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(
