@@ -362,11 +362,6 @@ def test_dependents_of_a_failed_step_are_skipped(backend: str) -> None:
     assert not any(e.startswith("inc ") and e != "inc 100" for e in _events)
 
 
-@pytest.mark.xfail(
-    reason="bug: a skip two levels down names the skipped step in between as 'failed', "
-    "and the run's error is that skip, not the step that raised (engine/run.py _finish/_skip)",
-    strict=True,
-)
 def test_skip_cascade_names_the_root_failure(backend: str) -> None:
     @keel.workflow(name="eng_skip_root")
     def wf() -> int:

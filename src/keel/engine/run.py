@@ -529,12 +529,17 @@ class RunState:
             self._dispatch(ready)
 
     def _skip(self, step: StepState, failed: StepFuture[Any]) -> list[StepState]:
+        root = failed
+        while root.seq in self._upstream:
+            root = self._upstream[root.seq]
+        cause = root.peek_error()
         error = UpstreamFailedError(
-            f"skipped because step {failed.key} failed",
+            f"skipped because step {root.key} failed"
+            + (f": {type(cause).__name__}: {cause}" if cause is not None else ""),
             run_id=self.run_id,
             step_key=step.future.key,
         )
-        self._upstream[step.future.seq] = failed
+        self._upstream[step.future.seq] = root
         return self._finish(step, StepStatus.SKIPPED, error=error)
 
     def _finish(
