@@ -1,0 +1,94 @@
+"""`keel logs`: what steps printed and logged, per attempt."""
+
+from __future__ import annotations
+
+from itertools import groupby
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from keel.cli.common import EXIT_USAGE, fail, open_client
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from keel.client import Client, Run
+
+STREAM_STYLES = {"stdout": "", "stderr": "red", "log": "cyan"}
+
+
+def _print_chunks(out: Console, rows: list[Any], keys: dict[int, str], run_id: str) -> int:
+    """Print log rows grouped by step and attempt; returns how many groups there were."""
+    from rich.text import Text
+
+    rows = sorted(rows, key=lambda r: (r.seq, r.attempt, r.id))
+    groups = 0
+    for (seq, attempt), chunk in groupby(rows, key=lambda r: (r.seq, r.attempt)):
+        groups += 1
+        key = keys.get(seq, f"#{seq}")
+        out.print(Text(f"── {run_id} {key} · attempt {attempt} ──", style="bold dim"))
+        for row in chunk:
+            text = row.text if row.text.endswith("\n") else row.text + "\n"
+            out.print(Text(text, style=STREAM_STYLES.get(row.stream, "")), end="")
+    return groups
+
+
+def _descendants(client: Client, run: Run, depth: int = 0) -> list[Run]:
+    found = [run]
+    if depth < 8:
+        for child in run.children():
+            found.extend(_descendants(client, child, depth + 1))
+    return found
+
+
+def logs(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run (an unambiguous id prefix is enough)")],
+    step: Annotated[
+        str | None,
+        typer.Argument(help="A step: its key (train-3), its position (3) or a task run once"),
+    ] = None,
+    attempt: Annotated[
+        int | None, typer.Option("--attempt", min=1, help="Only this attempt of the step")
+    ] = None,
+) -> None:
+    """Show the captured stdout, stderr and logging of a run's steps."""
+    from keel.cli.display import console
+
+    client = open_client(ctx)
+    run = client.run(run_id)
+    out = console()
+    store = client.store
+    if step is None:
+        if attempt is not None:
+            fail(
+                "--attempt needs a STEP",
+                hint=f"e.g. keel logs {run.id} STEP --attempt 2",
+                code=EXIT_USAGE,
+            )
+        groups = 0
+        for each in _descendants(client, run):
+            keys = {s.seq: s.key for s in each.steps}
+            groups += _print_chunks(out, store.load_logs(each.id), keys, each.id)
+        if not groups:
+            console(stderr=True).print(f"no output was captured for run {run.id}", markup=False)
+        return
+    chosen = run.step(step)
+    made = len(chosen.attempts)
+    if attempt is not None and attempt > made:
+        fail(
+            f"step {chosen.key} of run {run.id} made {made} attempt{'s' if made != 1 else ''}",
+            hint=f"Pick --attempt between 1 and {made}" if made else None,
+            code=EXIT_USAGE,
+        )
+    rows = store.load_logs(run.id, chosen.seq, attempt)
+    if not _print_chunks(out, rows, {chosen.seq: chosen.key}, run.id):
+        which = f" in attempt {attempt}" if attempt else ""
+        note = f"step {chosen.key} ({chosen.status}) printed nothing{which}"
+        if chosen.child_run_id:
+            note += f"; it is a child run: keel logs {chosen.child_run_id}"
+        elif chosen.cached_from:
+            # Reused (retry) or cached steps did not run here; their output came from elsewhere.
+            source, _, key = chosen.cached_from.partition("/")
+            note += f"; its output came from run {source}: keel logs {source} {key}"
+        console(stderr=True).print(note, markup=False)

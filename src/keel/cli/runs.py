@@ -1,0 +1,168 @@
+"""`keel runs ls` and `keel runs show`."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from keel.cli.common import EXIT_USAGE, fail, open_client
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from keel.client import Run
+
+RUN_STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+TRACEBACKS_SHOWN = 3
+
+
+def _statuses(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    wanted = [s.strip().upper() for s in text.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in RUN_STATUSES]
+    if unknown:
+        fail(
+            f"unknown run status {', '.join(unknown)}",
+            hint=f"Use one or more (comma-separated) of {', '.join(RUN_STATUSES)}",
+            code=EXIT_USAGE,
+        )
+    return wanted
+
+
+def ls(
+    ctx: typer.Context,
+    workflow: Annotated[
+        str | None, typer.Option("--workflow", "-w", help="Only runs of this workflow")
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            "--status", "-s", help="Only runs in this status (or several: FAILED,CANCELLED)"
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many runs")] = 20,
+    show_all: Annotated[
+        bool, typer.Option("--all", "-a", help="Every matching run (no limit)")
+    ] = False,
+    children: Annotated[
+        bool, typer.Option("--children", help="Include child runs (workflows called by workflows)")
+    ] = False,
+) -> None:
+    """List runs, newest first."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from keel.cli import queries
+    from keel.cli.display import console, duration, status_text, when
+    from keel.cli.outcome import counts_line
+
+    wanted = _statuses(status)
+    client = open_client(ctx)
+    runs = client.runs(
+        workflow=workflow,
+        status=wanted,
+        limit=None if show_all else limit,
+        include_children=children,
+    )
+    out = console()
+    if not runs:
+        filters = " matching the filters" if workflow or status else ""
+        out.print(f"no runs{filters} in the store at {client.store.url}", markup=False)
+        return
+    counts = queries.step_counts(client.store, [r.id for r in runs])
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("ID", "WORKFLOW", "STATUS", "STARTED", "DURATION", "STEPS"):
+        table.add_column(name, no_wrap=name in ("ID", "STATUS", "STARTED"))
+    now = time.time()
+    for run in runs:
+        took = run.duration
+        if took is None and run.started_at is not None and run.status == "RUNNING":
+            took = now - run.started_at.timestamp()
+        table.add_row(
+            Text(run.id),
+            Text(run.workflow),
+            status_text(run.status),
+            Text(when(run.started_at)),
+            Text(duration(took)),
+            counts_line(counts.get(run.id, {})),
+        )
+    out.print(table)
+    if not show_all and len(runs) == limit:
+        err = console(stderr=True)
+        err.print(f"(the newest {limit}; --limit N or --all for more)", style="dim", markup=False)
+
+
+def _header(out: Console, run: Run) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from keel.cli.display import duration, status_text, when
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("run", Text(run.id))
+    grid.add_row("workflow", Text(run.workflow))
+    grid.add_row("status", status_text(run.status))
+    grid.add_row("params", Text(json.dumps(run.params, sort_keys=True)))
+    grid.add_row("created", Text(when(run.created_at)))
+    grid.add_row("started", Text(when(run.started_at)))
+    grid.add_row("ended", Text(when(run.ended_at)))
+    grid.add_row("duration", Text(duration(run.duration)))
+    if run.retry_of:
+        grid.add_row("retry of", Text(run.retry_of))
+    if run.parent_id:
+        grid.add_row("parent", Text(run.parent_id))
+    if run.entrypoint:
+        grid.add_row("code", Text(run.entrypoint))
+    if run.error_type or run.error_message:
+        grid.add_row("error", Text(f"{run.error_type}: {run.error_message}", style="red"))
+    out.print(grid)
+
+
+def show(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run (an unambiguous id prefix is enough)")],
+    show_all: Annotated[
+        bool, typer.Option("--all", "-a", help="List every step, even in very large runs")
+    ] = False,
+) -> None:
+    """Show a run: its parameters and times, then its steps as a tree."""
+    from rich.text import Text
+    from rich.tree import Tree
+
+    from keel.cli import queries
+    from keel.cli.display import console, user_traceback
+    from keel.cli.outcome import counts_line
+    from keel.cli.tree import TreeOptions, add_steps
+
+    client = open_client(ctx)
+    run = client.run(run_id)
+    out = console()
+    _header(out, run)
+    counts = queries.step_counts(client.store, [run.id])[run.id]
+    tree = Tree(Text("steps: ", style="bold").append_text(counts_line(counts)))
+    opts = TreeOptions(show_all=show_all)
+    add_steps(client, tree, run.id, run.steps, opts)
+    out.print()
+    out.print(tree)
+    shown_step_traceback = False
+    for step in opts.failed[:TRACEBACKS_SHOWN]:
+        last = next((a for a in reversed(step.attempts) if a.traceback), None)
+        if last is None or last.traceback is None:
+            continue
+        out.print()
+        out.print(Text(f"traceback of step {step.key} (attempt {last.number}):", style="bold red"))
+        out.print(Text(user_traceback(last.traceback)))
+        shown_step_traceback = True
+    if len(opts.failed) > TRACEBACKS_SHOWN:
+        more = len(opts.failed) - TRACEBACKS_SHOWN
+        out.print(Text(f"({more} more failed steps: keel logs {run.id} STEP)", style="dim"))
+    if run.traceback and not shown_step_traceback:
+        out.print()
+        out.print(Text("traceback of the run:", style="bold red"))
+        out.print(Text(user_traceback(run.traceback)))

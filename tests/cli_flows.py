@@ -1,0 +1,60 @@
+"""Workflows the CLI tests run (`keel run tests/cli_flows.py:<name>`)."""
+
+from __future__ import annotations
+
+import logging
+
+import keel
+
+
+@keel.task
+def shout(word: str) -> str:
+    print(f"shouting {word}")
+    logging.getLogger("cli-flows").warning("about to shout %s", word)
+    return word.upper()
+
+
+@keel.task
+def square(x: int) -> int:
+    return x * x
+
+
+@keel.task
+def total(xs: list[int]) -> int:
+    return sum(xs)
+
+
+@keel.task(cache=True)
+def slow_double(x: int) -> int:
+    return 2 * x
+
+
+@keel.task
+def explode(x: int) -> int:
+    raise ValueError(f"cannot handle {x}")
+
+
+@keel.workflow
+def greet(word: str = "hello", times: int = 1) -> list[str]:
+    return [shout(word) for _ in range(times)]
+
+
+@keel.workflow
+def sum_squares(n: int) -> int:
+    return total(square.map(range(n)))
+
+
+@keel.workflow
+def cached(x: int = 3) -> int:
+    return slow_double(x)
+
+
+@keel.workflow
+def failing(x: int = 7) -> int:
+    square(x)
+    return explode(x)
+
+
+@keel.workflow
+def parent(n: int = 3) -> int:
+    return sum_squares(n) + square(n)
