@@ -68,7 +68,7 @@ def _substitute(value: Any, live: bool) -> Any:
     if kind is StepFuture:
         if live and value.has_live_value():
             return value.result()
-        return ValueRef(value.stored)
+        return ValueRef(value.stored, value.handle)
     if kind is list or kind is tuple:
         return kind(_substitute(v, live) for v in value)
     if kind is dict:
@@ -220,12 +220,7 @@ class RunState:
                 "executor": opts.executor,
                 "max_concurrency": opts.max_concurrency,
                 "tags": dict(opts.tags),
-                "resources": {
-                    "cpus": opts.resources.cpus,
-                    "gpus": opts.resources.gpus,
-                    "memory": opts.resources.memory,
-                    **dict(opts.resources.custom),
-                },
+                "resources": task.resource_request,
                 "code_hash": task.code_hash,
             }
             snapshot = json.dumps(self._tasks_seen, sort_keys=True)
@@ -412,7 +407,7 @@ class RunState:
         if step.started_at is None:
             step.started_at = now
         self._recorder.step(self._step_row(step, None))
-        live = executor.name == "threads"
+        live = executor.in_process
         call = StepCall(
             run_id=self.run_id,
             seq=step.future.seq,
@@ -427,6 +422,8 @@ class RunState:
             timeout=opts.timeout,
             is_async=task.is_async,
             keep_value=live,
+            resources=task.resource_request,
+            options=opts.executor_options,
         )
         attempt_started = now
         executor.submit(call, lambda outcome: self._on_outcome(step, outcome, attempt_started))
@@ -496,6 +493,7 @@ class RunState:
                         "created_at": outcome.ended_at,
                     }
                 )
+            step.future.handle = outcome.handle
             ready = self._finish(
                 step,
                 StepStatus.SUCCEEDED,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,15 +23,21 @@ _NO_VALUE: Any = None
 
 
 class ValueRef:
-    """A recorded value passed to a step by reference; loaded where the step runs."""
+    """A recorded value passed to a step by reference; loaded where the step runs.
 
-    __slots__ = ("stored",)
+    `handle` is what the executor that produced the value returned for it (e.g. a
+    Ray ObjectRef): an executor that understands it passes the value along without
+    reading the recorded copy; any other reads `stored`.
+    """
 
-    def __init__(self, stored: StoredValue) -> None:
+    __slots__ = ("handle", "stored")
+
+    def __init__(self, stored: StoredValue, handle: Any = None) -> None:
         self.stored = stored
+        self.handle = handle
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ValueRef, (self.stored,))
+        return (ValueRef, (self.stored, self.handle))
 
 
 @dataclass(slots=True)
@@ -49,7 +55,10 @@ class StepCall:
     timeout: float | None = None
     is_async: bool = False
     keep_value: bool = True  # return the live value (same process) besides recording it
-    resources: dict[str, Any] = field(default_factory=dict)
+    # What the task asked for: cpus, gpus, memory (bytes) and custom resources.
+    resources: Mapping[str, float] = field(default_factory=dict)
+    # The task's `executor_options`, for the executor to interpret (e.g. Ray's runtime_env).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def idempotency_key(self) -> str:
@@ -73,12 +82,16 @@ class StepOutcome:
     traceback: str | None = None
     retryable: bool | None = None  # None: decided by the task's retry_on
     logs: list[tuple[str, str]] = field(default_factory=list)
+    handle: Any = None  # the executor's own reference to the value (see ValueRef)
 
 
 class Executor(Protocol):
     """Runs step attempts. Implementations: threads, processes, ray."""
 
     name: str
+    # True when steps run in this process: live values are passed and kept as they
+    # are (no ValueRef), and outcomes carry the value itself.
+    in_process: bool
 
     def submit(self, call: StepCall, done: Callable[[StepOutcome], None]) -> None:
         """Start the attempt; call `done` exactly once with its outcome."""

@@ -97,6 +97,7 @@ def _kill_all_workers() -> None:
 
 class ProcessExecutor:
     name = "processes"
+    in_process = False
 
     def __init__(self, max_workers: int) -> None:
         self.max_workers = max(1, max_workers)

@@ -55,6 +55,7 @@ EAGER_THREADS = 2
 
 class ThreadExecutor:
     name = "threads"
+    in_process = True
 
     def __init__(self, max_workers: int) -> None:
         self.max_workers = max(1, max_workers)

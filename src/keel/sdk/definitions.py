@@ -51,6 +51,7 @@ class TaskOptions:
     tags: Mapping[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     max_concurrency: int | None = None
+    executor_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _check_executor(executor: str | None, where: str) -> None:
@@ -80,6 +81,12 @@ class Task(Generic[P, R]):
         self.name = options.name
         self.is_async = inspect.iscoroutinefunction(fn)
         self._code_hash: str | None = None
+        res = options.resources
+        request = {"cpus": res.cpus, "gpus": res.gpus, "memory": res.memory, **res.custom}
+        # What executors that place work (Ray) are asked for; unset entries are left out.
+        self.resource_request: dict[str, float] = {
+            k: v for k, v in request.items() if v is not None
+        }
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -223,6 +230,7 @@ def task(
     tags: Mapping[str, str] | None = None,
     resources: Resources | Mapping[str, Any] | None = None,
     max_concurrency: int | None = None,
+    executor_options: Mapping[str, Any] | None = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -244,6 +252,7 @@ def task(
     tags: Mapping[str, str] | None = None,
     resources: Resources | Mapping[str, Any] | None = None,
     max_concurrency: int | None = None,
+    executor_options: Mapping[str, Any] | None = None,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Mark a function as a task.
 
@@ -253,6 +262,7 @@ def task(
     instances of `retry_on` are retried. `timeout` (seconds) bounds each attempt.
     `cache=True` reuses an earlier output with the same task name, source code,
     `cache_version` and inputs. `resources`: cpus, gpus, memory (bytes), custom.
+    `executor_options` go to the executor as they are (e.g. `{"runtime_env": ...}` for Ray).
     """
 
     def make(f: Callable[P, R]) -> Task[P, R]:
@@ -302,6 +312,7 @@ def task(
             tags=dict(tags or {}),
             resources=res,
             max_concurrency=max_concurrency,
+            executor_options=dict(executor_options or {}),
         )
         return Task(f, opts)
 

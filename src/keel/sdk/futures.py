@@ -31,6 +31,7 @@ class StepFuture(Generic[T]):
         "_owner",
         "_value",
         "done_flag",
+        "handle",
         "key",
         "seq",
         "stored",
@@ -43,6 +44,7 @@ class StepFuture(Generic[T]):
         self.done_flag = False
         self._value: Any = _PENDING
         self.stored: Any = None  # the engine's StoredValue, when the output was recorded
+        self.handle: Any = None  # the executor's reference to the value, if it keeps one
         self._error: BaseException | None = None
         self._event: threading.Event | None = None
         self._callbacks: list[Callable[[StepFuture[T]], None]] | None = None
