@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 import keel
 
@@ -58,3 +60,35 @@ def failing(x: int = 7) -> int:
 @keel.workflow
 def parent(n: int = 3) -> int:
     return sum_squares(n) + square(n)
+
+
+@keel.task
+def blob(n: int) -> str:
+    return "x" * n
+
+
+@keel.task
+def pair(a: int) -> tuple[int, int]:
+    return (a, a + 1)
+
+
+@keel.workflow
+def values(big: int = 100_000) -> int:
+    pair(1)
+    return len(blob(big))
+
+
+@keel.task
+def tick(control: str, i: int) -> int:
+    # The test steers the pace through a file: slow until it has pressed Ctrl-C.
+    path = Path(control)
+    with path.with_suffix(".log").open("a") as f:
+        f.write(f"{i}\n")
+    if path.read_text().strip() == "slow":
+        time.sleep(0.2)
+    return i
+
+
+@keel.workflow
+def ticking(control: str, n: int = 40) -> int:
+    return sum(tick(control, i) for i in range(n))

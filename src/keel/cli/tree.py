@@ -52,8 +52,8 @@ def step_label(step: Step, attempts: int | None) -> Text:
 
 def _group_label(task: str, steps: list[Step]) -> Text:
     counts = Counter(s.status for s in steps)
-    text = Text(f"{task} ×{len(steps):,}", style="bold")  # noqa: RUF001
-    text.append("  ")
+    text = Text(task, style="bold")
+    text.append(f"  {len(steps):,} steps: ")
     for i, (status, n) in enumerate(sorted(counts.items())):
         if i:
             text.append(", ")
