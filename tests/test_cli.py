@@ -394,6 +394,32 @@ def test_ctrl_c_cancels_then_resume_finishes(tmp_path: Path) -> None:
     assert keel_cli("resume", rid).stdout.startswith(f"run {rid} already succeeded")
 
 
+def test_cancel_a_run_alive_in_another_process(tmp_path: Path) -> None:
+    control = tmp_path / "control"
+    control.write_text("slow")
+    ticks = tmp_path / "control.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keel", "run", flow("ticking"), "-p", f"control={control}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not ticks.exists():
+        assert proc.poll() is None, "the run ended before it could be cancelled"
+        assert time.monotonic() < deadline, "the run never started its steps"
+        time.sleep(0.05)
+    (run,) = keel.Client().runs()
+    asked = keel_cli("cancel", run.id)
+    assert asked.returncode == 0, asked.stdout + asked.stderr
+    assert f"asked run {run.id} (RUNNING)" in asked.stdout
+    out, err = proc.communicate(timeout=WAIT_SECONDS)
+    assert proc.returncode == 1, out + err
+    assert "CANCELLED" in out and f"continue it with: keel resume {run.id}" in out
+    assert keel.Client().run(run.id).status == "CANCELLED"
+
+
 # -- broken stores --------------------------------------------------------------------------
 def test_corrupt_database_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     db = tmp_path / "corrupt.db"

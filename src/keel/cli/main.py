@@ -6,6 +6,7 @@ engine, the store and Rich load inside the command that runs.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -43,6 +44,9 @@ def _group(name: str, help_text: str) -> typer.Typer:
 app = typer.Typer(
     cls=KeelGroup,
     help="keel: durable Python workflows. Run them, inspect them, resume them.",
+    epilog="Exit codes: 0 success; 1 the run failed or was cancelled, or the operation "
+    "failed; 2 bad input (file, workflow, parameter, run id, database URL); 130 Ctrl-C. "
+    "Docs: docs/cli.md",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -78,12 +82,21 @@ def root(
         ),
     ] = False,
 ) -> None:
-    """keel: durable Python workflows. Run them, inspect them, resume them.
-
-    Exit codes: 0 success; 1 the run failed or was cancelled, or the operation
-    failed; 2 bad input (file, workflow, parameter, run id, database URL); 130 Ctrl-C.
-    """
+    """Options that apply to every command."""
     ctx.obj = Settings(db_url=db_url or None)
+    if db_url and os.environ.get("KEEL_DB_URL") != db_url:
+        # Code that opens the default store by itself (process-pool workers, tracking
+        # calls inside tasks) must see the same store as the command.
+        previous = os.environ.get("KEEL_DB_URL")
+        os.environ["KEEL_DB_URL"] = db_url
+        ctx.call_on_close(lambda: _restore_env("KEEL_DB_URL", previous))
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 app.command("run")(running.run)

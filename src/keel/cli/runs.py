@@ -112,7 +112,12 @@ def _header(out: Console, run: Run) -> None:
     grid.add_row("created", Text(when(run.created_at)))
     grid.add_row("started", Text(when(run.started_at)))
     grid.add_row("ended", Text(when(run.ended_at)))
-    grid.add_row("duration", Text(duration(run.duration)))
+    if run.duration is None and run.status == "RUNNING" and run.started_at is not None:
+        grid.add_row(
+            "duration", Text(f"running for {duration(time.time() - run.started_at.timestamp())}")
+        )
+    else:
+        grid.add_row("duration", Text(duration(run.duration)))
     if run.retry_of:
         grid.add_row("retry of", Text(run.retry_of))
     if run.parent_id:
