@@ -26,6 +26,11 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+# Generous, so that a worker process's start-up never decides the outcome; the
+# tests sleeping past it wait this long, never longer.
+TIMEOUT = 2.0
+
+
 class FlakyNetworkError(ConnectionError):
     """A custom error: retried by `retry_on=ConnectionError` (a base class of it)."""
 
@@ -66,7 +71,7 @@ def network(path: str) -> int:
     return attempt
 
 
-@keel.task(name="retry_sleepy", timeout=0.5)
+@keel.task(name="retry_sleepy", timeout=TIMEOUT)
 def sleepy(path: str, seconds: float) -> str:
     _append(path, f"start {keel.context().attempt}")
     deadline = time.monotonic() + seconds
@@ -76,7 +81,7 @@ def sleepy(path: str, seconds: float) -> str:
     return "woke"
 
 
-@keel.task(name="retry_slow_first", timeout=0.5, retries=2, retry_delay=0, retry_on=KeyError)
+@keel.task(name="retry_slow_first", timeout=TIMEOUT, retries=2, retry_delay=0, retry_on=KeyError)
 def slow_first(path: str) -> int:
     attempt = keel.context().attempt
     _append(path, f"start {attempt}")
@@ -246,3 +251,15 @@ def test_timeout_then_success_on_a_later_attempt(
     first, second = run.steps[0].attempts
     assert (first.status, first.error_type) == ("FAILED", "keel.errors.StepTimeoutError")
     assert (second.status, second.error_type) == ("SUCCEEDED", None)
+
+
+def test_process_timeout_excludes_worker_start_up(backend: str) -> None:
+    """A fresh worker first starts and imports the task's module (slowly, here); the
+    timeout bounds the attempt itself."""
+    from flows.slow_import_flow import IMPORT_SECONDS, quick, slow_import_wf
+
+    assert quick.opts.timeout is not None and quick.opts.timeout < IMPORT_SECONDS
+    handle = keel.run(slow_import_wf)
+    run = keel.Client().run(handle.id)
+    assert [a.error_type for a in run.steps[0].attempts] == [None]
+    assert handle.result() == "done"

@@ -48,6 +48,9 @@ def _worker_main(conn: Connection) -> None:
         if not payload:
             return
         call: StepCall = pickle.loads(payload)
+        # Tell the dispatcher the attempt starts now: the timeout counts from here,
+        # not from when the job was sent (a fresh worker first starts up and imports).
+        conn.send_bytes(b"")
         call.keep_value = False
         outcome = execute_step(call)
         try:
@@ -75,6 +78,7 @@ class _Worker:
         self.process.start()
         child_conn.close()
         self.job: _Job | None = None
+        self.running = False  # the worker acknowledged the job and started the attempt
         self.started = 0.0
 
     def kill(self) -> None:
@@ -151,7 +155,11 @@ class ProcessExecutor:
                 busy = [w for w in self._workers if w.job is not None]
                 sentinels = {w.process.sentinel: w for w in self._workers}
             deadline = min(
-                (w.started + w.job.call.timeout for w in busy if w.job and w.job.call.timeout),
+                (
+                    w.started + w.job.call.timeout
+                    for w in busy
+                    if w.running and w.job and w.job.call.timeout
+                ),
                 default=None,
             )
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -185,6 +193,7 @@ class ProcessExecutor:
                 job.done(failure(Cancelled(job.call.run_id), job.submitted, tb=""))
                 continue
             idle.job = job
+            idle.running = False
             idle.started = time.monotonic()
             idle.conn.send_bytes(job.payload)
 
@@ -195,7 +204,12 @@ class ProcessExecutor:
         except (EOFError, OSError):
             self._worker_died(worker)
             return
+        if not data:  # the worker started the attempt
+            worker.running = True
+            worker.started = time.monotonic()
+            return
         worker.job = None
+        worker.running = False
         if job is None:
             return
         try:
@@ -231,7 +245,12 @@ class ProcessExecutor:
         now = time.monotonic()
         for worker in busy:
             job = worker.job
-            if job is None or not job.call.timeout or now < worker.started + job.call.timeout:
+            if (
+                job is None
+                or not worker.running
+                or not job.call.timeout
+                or now < worker.started + job.call.timeout
+            ):
                 continue
             with self._lock:
                 if worker in self._workers:
