@@ -113,6 +113,7 @@ def one_cycle(n: int, kill_at: float, delay: float, scratch: Path) -> dict[str, 
     return {
         "resume_s": resume_s,
         "pool_s": pool_s,
+        "executed": lines_before,
         "recorded": recorded,
         "remaining": remaining,
         "ran": ran,
@@ -135,16 +136,16 @@ def main(argv: list[str]) -> int:
     resume_s = statistics.median(c["resume_s"] for c in cycles)
     pool_s = statistics.median(c["pool_s"] for c in cycles)
     overhead = statistics.median(c["resume_s"] - c["pool_s"] for c in cycles)
-    detail = "; ".join(
-        f"{c['recorded']:.0f} recorded, {c['remaining']:.0f} left, {c['ran']:.0f} ran, "
-        f"resume {c['resume_s']:.3f} s"
+    detail = "\n    ".join(
+        f"{c['executed']:.0f} executed, {c['recorded']:.0f} recorded at the kill; "
+        f"{c['remaining']:.0f} left, {c['ran']:.0f} ran on resume, in {c['resume_s']:.3f} s"
         for c in cycles
     )
     report(
         f"B3 resume: {args.n:,} steps + reduce, SIGKILL at ~{args.kill_at:.0%}, then "
         f"keel.resume (median of {args.repeat})",
         [
-            ("cycles", detail),
+            ("cycles", "\n    " + detail),
             ("keel resume", f"{resume_s:.3f} s"),
             ("remaining work", f"{pool_s:.3f} s (ThreadPoolExecutor, same calls)"),
             ("resume overhead", f"{overhead:.3f} s"),
