@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -92,3 +93,18 @@ def tick(control: str, i: int) -> int:
 @keel.workflow
 def ticking(control: str, n: int = 40) -> int:
     return sum(tick(control, i) for i in range(n))
+
+
+@keel.workflow
+def failing_child() -> int:
+    return failing(3) + 1
+
+
+@keel.task
+def make_lock() -> object:
+    return threading.Lock()
+
+
+@keel.workflow
+def unserializable() -> object:
+    return make_lock()

@@ -130,7 +130,7 @@ def test_unknown_file() -> None:
 def test_unknown_workflow_lists_the_ones_there() -> None:
     result = keel_cli("run", flow("nope"))
     assert_clean_error(result, 2, "'nope'", "does not exist")
-    assert "cached, failing, greet, parent, sum_squares" in result.stderr
+    assert "cached, failing, failing_child, greet, parent" in result.stderr
 
 
 def test_unknown_module() -> None:
@@ -167,7 +167,8 @@ def test_failing_task_exits_1_and_runs_show_has_the_traceback(backend: str) -> N
     assert result.returncode == 1, result.stdout + result.stderr
     rid = run_id_of(result)
     assert "FAILED" in result.stdout
-    assert "failed step: explode-1 (ValueError: cannot handle 7)" in result.stdout
+    assert "error: ValueError: cannot handle 7" in result.stdout
+    assert "failed step: explode-1\n" in result.stdout
     assert f"keel retry {rid}" in result.stdout
     shown = keel_cli("runs", "show", rid)
     assert shown.returncode == 0, shown.stderr
@@ -176,6 +177,25 @@ def test_failing_task_exits_1_and_runs_show_has_the_traceback(backend: str) -> N
     assert "traceback of step explode-1" in shown.stdout
     assert 'raise ValueError(f"cannot handle {x}")' in shown.stdout
     assert "cli_flows.py" in shown.stdout
+
+
+def test_failure_in_a_child_run_names_the_child_step() -> None:
+    result = keel_cli("run", flow("failing_child"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    rid = run_id_of(result)
+    assert f"failed step: explode-1 of child run {rid}.0" in result.stdout
+    assert "cannot handle 3" in result.stdout
+    shown = cli("runs", "show", rid)
+    assert "explode-1  FAILED" in shown.stdout
+    assert "traceback of step explode-1" in shown.stdout
+
+
+def test_unserializable_output_names_the_step_and_type() -> None:
+    result = keel_cli("run", flow("unserializable"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "SerializationError" in result.stdout
+    assert "make_lock-0" in result.stdout and "_thread.lock" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 # -- reading runs ------------------------------------------------------------------------------

@@ -93,18 +93,23 @@ _KEEL_DIR = str(Path(__file__).resolve().parent.parent)
 
 
 def user_traceback(text: str) -> str:
-    """A stored traceback without keel's own frames, which only say how a step was called."""
+    """A stored traceback without keel's own frames, which only say how a step was called.
+
+    Empty when every frame was keel's (the error line, shown anyway, says it all).
+    """
     lines = text.rstrip().splitlines()
     out: list[str] = []
     skipping = False
+    user_frames = 0
     for line in lines:
         if line.startswith('  File "'):
             skipping = line[len('  File "') :].startswith(_KEEL_DIR)
             if not skipping:
+                user_frames += 1
                 out.append(line)
         elif skipping and line.startswith("    "):
             continue
         else:
             skipping = False
             out.append(line)
-    return "\n".join(out)
+    return "\n".join(out) if user_frames else ""

@@ -63,21 +63,23 @@ def print_failure(console: Console, store: MetadataStore, run: Run) -> None:
         line.append(f"{run.error_type}: {run.error_message}")
         console.print(line)
     found = _failing_step(store, run.id)
-    if found is None:
-        if run.traceback:
-            console.print(Text(user_traceback(run.traceback), style="dim"))
-        return
-    run_id, row = found
-    where = row.key if run_id == run.id else f"{row.key} of child run {run_id}"
-    line = Text("failed step: ", style="bold")
-    line.append(where)
-    if row.error_type:
-        line.append(f" ({row.error_type}: {row.error_message})")
-    console.print(line)
-    attempts = store.load_attempts(run_id, row.seq)
-    tb = next((a.traceback for a in reversed(attempts) if a.traceback), None)
-    if tb:
-        console.print(Text(user_traceback(tb), style="dim"))
+    tb: str | None = run.traceback
+    if found is not None:
+        run_id, row = found
+        where = row.key if run_id == run.id else f"{row.key} of child run {run_id}"
+        line = Text("failed step: ", style="bold")
+        line.append(where)
+        same = bool(run.error_message) and (row.error_message or "").startswith(
+            run.error_message or ""
+        )
+        if row.error_type and not same:
+            line.append(f" ({row.error_type}: {row.error_message})")
+        console.print(line)
+        attempts = store.load_attempts(run_id, row.seq)
+        tb = next((a.traceback for a in reversed(attempts) if a.traceback), None)
+    shown = user_traceback(tb) if tb else ""
+    if shown:
+        console.print(Text(shown, style="dim"))
 
 
 def print_outcome(

@@ -158,7 +158,7 @@ def show(
     shown_step_traceback = False
     for step in opts.failed[:TRACEBACKS_SHOWN]:
         last = next((a for a in reversed(step.attempts) if a.traceback), None)
-        if last is None or last.traceback is None:
+        if last is None or not user_traceback(last.traceback or ""):
             continue
         out.print()
         out.print(Text(f"traceback of step {step.key} (attempt {last.number}):", style="bold red"))
@@ -167,7 +167,7 @@ def show(
     if len(opts.failed) > TRACEBACKS_SHOWN:
         more = len(opts.failed) - TRACEBACKS_SHOWN
         out.print(Text(f"({more} more failed steps: keel logs {run.id} STEP)", style="dim"))
-    if run.traceback and not shown_step_traceback:
+    if run.traceback and user_traceback(run.traceback) and not shown_step_traceback:
         out.print()
         out.print(Text("traceback of the run:", style="bold red"))
         out.print(Text(user_traceback(run.traceback)))
