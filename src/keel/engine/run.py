@@ -504,8 +504,9 @@ class RunState:
             assert step.task is not None
             if not self.session.cancelled and should_retry(step.task.opts, step.attempt, outcome):
                 delay = retry_delay(step.task.opts, step.attempt)
+                # The row keeps counting attempts started: the retry's own start
+                # records it, so a crash during the backoff leaves no gap in numbers.
                 step.attempt += 1
-                self._recorder.step(self._step_row(step, None))
                 timers.call_later(delay, lambda: self._dispatch([step]))
                 return
             error = outcome.error

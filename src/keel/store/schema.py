@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 # Bump together with a new file in store/migrations/versions.
@@ -82,7 +83,13 @@ steps = Table(
     Column("child_run_id", String(64)),
     Column("error_type", String(200)),
     Column("error_message", Text),
-    Index("ix_keel_steps_output_ref", "output_ref"),
+    # Partial: most outputs are inline, and every step row would otherwise pay for it.
+    Index(
+        "ix_keel_steps_output_ref",
+        "output_ref",
+        sqlite_where=text("output_ref IS NOT NULL"),
+        postgresql_where=text("output_ref IS NOT NULL"),
+    ),
 )
 
 attempts = Table(

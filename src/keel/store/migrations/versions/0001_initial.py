@@ -70,7 +70,13 @@ def upgrade() -> None:
         sa.Column("error_type", sa.String(200)),
         sa.Column("error_message", sa.Text),
     )
-    op.create_index("ix_keel_steps_output_ref", "keel_steps", ["output_ref"])
+    op.create_index(
+        "ix_keel_steps_output_ref",
+        "keel_steps",
+        ["output_ref"],
+        sqlite_where=sa.text("output_ref IS NOT NULL"),
+        postgresql_where=sa.text("output_ref IS NOT NULL"),
+    )
 
     op.create_table(
         "keel_attempts",
