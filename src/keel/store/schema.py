@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 
 metadata = MetaData()
 
@@ -52,7 +52,15 @@ runs = Table(
     Column("host", String(200)),
     Column("pid", Integer),
     Column("cancel_requested", Boolean, nullable=False, default=False),
+    # Tracking: the experiment the run belongs to, its display name, and whether it
+    # is a workflow run or a run opened with keel.start_run.
+    Column("experiment_id", Integer),
+    Column("run_name", String(250)),
+    Column("kind", String(16), nullable=False, default="workflow"),
+    Column("user", String(100)),
+    Column("lifecycle_stage", String(16), nullable=False, default="active"),
     Index("ix_keel_runs_workflow_created", "workflow", "created_at"),
+    Index("ix_keel_runs_experiment", "experiment_id", "created_at"),
     Index("ix_keel_runs_created", "created_at"),
     Index("ix_keel_runs_status", "status"),
     Index("ix_keel_runs_parent", "parent_id"),
@@ -140,4 +148,135 @@ cache_entries = Table(
     Column("run_id", String(64), nullable=False),
     Column("seq", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+)
+
+
+# -- tracking ------------------------------------------------------------------
+# Params, metrics, tags and logged artifacts belong to a tracked run: a run
+# (seq = -1) or one of its steps (seq = the step's position), so every step is
+# a nested run of its workflow run.
+
+experiments = Table(
+    "keel_experiments",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(250), nullable=False, unique=True),
+    Column("lifecycle_stage", String(16), nullable=False, default="active"),
+    Column("artifact_location", Text),
+    Column("tags", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+params = Table(
+    "keel_params",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("key", String(250), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+metrics = Table(
+    "keel_metrics",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("key", String(250), nullable=False),
+    Column("value", Float),  # NULL when is_nan: SQLite has no NaN
+    Column("is_nan", Boolean, nullable=False, default=False),
+    Column("step", Integer, nullable=False, default=0),
+    Column("timestamp", Float, nullable=False),
+    Index("ix_keel_metrics_run_key", "run_id", "seq", "key", "step"),
+)
+
+latest_metrics = Table(
+    "keel_latest_metrics",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("key", String(250), primary_key=True),
+    Column("value", Float),
+    Column("is_nan", Boolean, nullable=False, default=False),
+    Column("step", Integer, nullable=False, default=0),
+    Column("timestamp", Float, nullable=False),
+    Index("ix_keel_latest_metrics_key_value", "key", "value"),
+)
+
+tags = Table(
+    "keel_tags",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("key", String(250), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+logged_artifacts = Table(
+    "keel_logged_artifacts",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("path", String(1000), primary_key=True),
+    Column("hash", String(64), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# -- model registry ----------------------------------------------------------------
+
+models = Table(
+    "keel_models",
+    metadata,
+    Column("name", String(250), primary_key=True),
+    Column("description", Text),
+    Column("tags", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+model_versions = Table(
+    "keel_model_versions",
+    metadata,
+    Column("name", String(250), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("flavor", String(40), nullable=False),
+    Column("source_hash", String(64)),  # the model's bytes in the artifact store
+    Column("source_uri", Text),
+    Column("signature", Text),
+    Column("meta", Text),  # flavor details, e.g. the scikit-learn version it was saved with
+    Column("run_id", String(64)),
+    Column("seq", Integer),
+    Column("description", Text),
+    Column("tags", Text),
+    Column("status", String(16), nullable=False, default="READY"),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(100)),
+)
+
+model_aliases = Table(
+    "keel_model_aliases",
+    metadata,
+    Column("name", String(250), primary_key=True),
+    Column("alias", String(250), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(100)),
+)
+
+registry_events = Table(
+    "keel_registry_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(250), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("version", Integer),
+    Column("alias", String(250)),
+    Column("previous_version", Integer),
+    Column("detail", Text),
+    Column("actor", String(100)),
+    Column("at", Float, nullable=False),
+    Index("ix_keel_registry_events_name", "name", "at"),
 )
