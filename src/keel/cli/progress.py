@@ -40,10 +40,12 @@ def counts_text(p: Progress) -> Text:
         ("failed", p.failed, "red"),
         ("skipped", p.skipped, "dim"),
     ]
-    for i, (label, value, style) in enumerate(parts):
+    always = ("running", "succeeded", "failed")
+    shown = [(label, v, style) for label, v, style in parts if v or label in always]
+    for i, (label, value, style) in enumerate(shown):
         if i:
             text.append(" · ", style="dim")
-        text.append(f"{value} {label}", style=style if value else "dim")
+        text.append(f"{value:,} {label}", style=style if value else "dim")
     return text
 
 
@@ -80,7 +82,7 @@ class RunMonitor:
         # The graph is dynamic: `total` counts the steps created so far.
         bar.add_row(
             ProgressBar(total=max(p.total, 1), completed=p.done, width=40),
-            Text(f"{p.done}/{p.total} steps"),
+            Text(f"{p.done:,}/{p.total:,} steps"),
         )
         return Group(head, bar, counts_text(p))
 

@@ -158,11 +158,12 @@ def show(
     shown_step_traceback = False
     for step in opts.failed[:TRACEBACKS_SHOWN]:
         last = next((a for a in reversed(step.attempts) if a.traceback), None)
-        if last is None or not user_traceback(last.traceback or ""):
+        trimmed = user_traceback(last.traceback or "") if last is not None else ""
+        if last is None or not trimmed:
             continue
         out.print()
         out.print(Text(f"traceback of step {step.key} (attempt {last.number}):", style="bold red"))
-        out.print(Text(user_traceback(last.traceback)))
+        out.print(Text(trimmed))
         shown_step_traceback = True
     if len(opts.failed) > TRACEBACKS_SHOWN:
         more = len(opts.failed) - TRACEBACKS_SHOWN
