@@ -28,6 +28,7 @@ from keel.errors import (
     ParameterError,
     RunFailedError,
     StepTimeoutError,
+    TrackingError,
 )
 from keel.sdk.context import StepContext, context
 from keel.sdk.definitions import Resources, Task, Workflow, task, workflow
@@ -37,6 +38,20 @@ if TYPE_CHECKING:
     from keel.client import Attempt, Client, Run, Step
     from keel.engine.api import RunHandle, cancel, resume, retry, run
     from keel.store.serializers import register_serializer
+    from keel.tracking.active import ActiveRun, active_run, set_experiment, start_run
+    from keel.tracking.log import (
+        log_artifact,
+        log_dict,
+        log_figure,
+        log_metric,
+        log_metrics,
+        log_param,
+        log_params,
+        log_table,
+        log_text,
+        set_tag,
+        set_tags,
+    )
 
 __version__ = "0.1.0"
 
@@ -59,6 +74,22 @@ __all__ = [
     "retry",
     "cancel",
     "RunHandle",
+    # tracking
+    "log_param",
+    "log_params",
+    "log_metric",
+    "log_metrics",
+    "set_tag",
+    "set_tags",
+    "log_artifact",
+    "log_text",
+    "log_dict",
+    "log_figure",
+    "log_table",
+    "start_run",
+    "active_run",
+    "set_experiment",
+    "ActiveRun",
     # reading past runs
     "Client",
     "Run",
@@ -72,6 +103,7 @@ __all__ = [
     "NonDeterminismError",
     "RunFailedError",
     "StepTimeoutError",
+    "TrackingError",
     "Cancelled",
 ]
 
@@ -86,6 +118,26 @@ _LAZY = {
     "Step": "keel.client",
     "Attempt": "keel.client",
     "register_serializer": "keel.store.serializers",
+    **{
+        name: "keel.tracking.log"
+        for name in (
+            "log_param",
+            "log_params",
+            "log_metric",
+            "log_metrics",
+            "set_tag",
+            "set_tags",
+            "log_artifact",
+            "log_text",
+            "log_dict",
+            "log_figure",
+            "log_table",
+        )
+    },
+    **{
+        name: "keel.tracking.active"
+        for name in ("start_run", "active_run", "set_experiment", "ActiveRun")
+    },
 }
 
 

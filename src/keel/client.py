@@ -21,6 +21,61 @@ from keel.store.metadata import MetadataStore, open_store
 from keel.store.values import StoredValue
 
 
+@dataclass(frozen=True)
+class RunData:
+    """What was tracked on a run or step: params (text), latest metrics, tags."""
+
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+class _Tracked:
+    """Tracking reads shared by runs (seq -1) and steps (their position)."""
+
+    _store: MetadataStore
+    _tracked_id: tuple[str, int]
+
+    @property
+    def data(self) -> RunData:
+        from keel.store import tracking
+
+        run_id, seq = self._tracked_id
+        return RunData(
+            params=tracking.load_params(self._store, run_id, seq),
+            metrics=tracking.load_latest_metrics(self._store, run_id, seq),
+            tags=tracking.load_tags(self._store, run_id, seq),
+        )
+
+    def metric_history(self, key: str) -> list[Any]:
+        """Every recorded point of a metric: `.value`, `.step`, `.timestamp`."""
+        from keel.store import tracking
+
+        run_id, seq = self._tracked_id
+        return list(tracking.load_metric_history(self._store, run_id, seq, key))
+
+    def logged_artifacts(self) -> list[Any]:
+        """Files logged with keel.log_artifact / log_text / log_dict / ...: `.path`, `.size`."""
+        from keel.store import tracking
+
+        run_id, seq = self._tracked_id
+        return list(tracking.load_logged_artifacts(self._store, run_id, seq))
+
+    def read_artifact(self, path: str) -> bytes:
+        """The bytes of a logged artifact, by its path in the run."""
+        from keel.store.artifacts import artifact_store
+
+        for item in self.logged_artifacts():
+            if item.path == path:
+                return artifact_store(self._store.config.artifacts_url).get(item.hash)
+        run_id, _ = self._tracked_id
+        raise StepNotFoundError(
+            f"no artifact {path!r} was logged here",
+            run_id=run_id,
+            hint="List them with .logged_artifacts()",
+        )
+
+
 def _when(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, UTC) if ts is not None else None
 
@@ -48,12 +103,13 @@ class Attempt:
         return "".join(r.text for r in self._store.load_logs(self.run_id, self.seq, self.number))
 
 
-class Step:
-    """One recorded step of a run."""
+class Step(_Tracked):
+    """One recorded step of a run (and a nested tracked run: `.data`)."""
 
     def __init__(self, row: Any, store: MetadataStore) -> None:
         self._row = row
         self._store = store
+        self._tracked_id = (row.run_id, row.seq)
         self.run_id: str = row.run_id
         self.seq: int = row.seq
         self.key: str = row.key
@@ -142,12 +198,17 @@ class Step:
         return [Step(r, self._store) for r in self._store.steps_consuming(self.run_id, self.seq)]
 
 
-class Run:
-    """One recorded run of a workflow."""
+class Run(_Tracked):
+    """One recorded run: of a workflow, or opened with keel.start_run (`kind`)."""
 
     def __init__(self, row: Any, store: MetadataStore) -> None:
         self._row = row
         self._store = store
+        self._tracked_id = (row.id, -1)
+        self.kind: str = row.kind
+        self.run_name: str | None = row.run_name
+        self.experiment_id: int | None = row.experiment_id
+        self.user: str | None = row.user
         self.id: str = row.id
         self.workflow: str = row.workflow
         self.status: str = row.status
@@ -242,6 +303,12 @@ class Client:
             workflow=workflow, status=status, top_level=not include_children, limit=limit
         )
         return [Run(r, self.store) for r in rows]
+
+    def experiments(self) -> list[Any]:
+        """Experiments (`.id`, `.name`, `.tags`), oldest first."""
+        from keel.store.tracking import list_experiments
+
+        return list_experiments(self.store)
 
     def run(self, run_id: str) -> Run:
         rid = self.store.resolve_run_id(run_id)

@@ -103,6 +103,11 @@ class ForeignFutureError(KeelError):
     """A future from one run was passed to a step of another run."""
 
 
+class TrackingError(KeelError):
+    """A tracking call got bad input: a bad key, an over-long value, a param logged
+    twice with different values, a filter that does not parse."""
+
+
 class StepFailedError(KeelError):
     """A step failed and its original exception could not be brought back as it was."""
 

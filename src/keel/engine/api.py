@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import time
 from typing import Any
 
-from keel.engine.execute import execute, fresh_state, new_run_row, owner_fields
-from keel.engine.recorder import recorder_for
+from keel.engine.execute import (
+    execute,
+    fresh_state,
+    new_run_row,
+    owner_fields,
+    record_new_run,
+)
 from keel.engine.session import Session
 from keel.errors import RunStateError
+from keel.ids import new_run_id
 from keel.sdk.definitions import Workflow, registered_workflows
 from keel.status import FINISHED_RUN, REUSABLE_STEP, RunStatus
 from keel.store.config import StoreConfig
 from keel.store.metadata import MetadataStore, open_store
-
-_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
-
-
-def new_run_id() -> str:
-    """Sortable by creation time (like a ULID): 10 time characters, 6 random."""
-    ms = int(time.time() * 1000)
-    head = "".join(_CROCKFORD[(ms >> (5 * i)) & 31] for i in reversed(range(10)))
-    tail = "".join(secrets.choice(_CROCKFORD) for _ in range(6))
-    return head + tail
+from keel.store.recorder import recorder_for
 
 
 class RunHandle:
@@ -83,14 +79,14 @@ def start_run(
     session = session or new_session(executor=workflow.executor)
     run_id = new_run_id()
     store = session.store
-    store.insert_run(
-        new_run_row(
-            run_id,
-            workflow,
-            workflow.validator.to_json(clean),
-            executor=session.executor_name or workflow.executor,
-        )
+    row = new_run_row(
+        store,
+        run_id,
+        workflow,
+        workflow.validator.to_json(clean),
+        executor=session.executor_name or workflow.executor,
     )
+    record_new_run(session, row, clean)
     state = fresh_state(session, run_id, workflow, {})
     try:
         execute(state, clean)
@@ -222,9 +218,10 @@ def retry(
     recorded = {s.seq: s for s in store.load_steps(rid) if s.status in REUSABLE_STEP}
     session = session or new_session(store=store, executor=row.executor)
     new_id = new_run_id()
-    store.insert_run(
-        new_run_row(new_id, wf, wf.validator.to_json(params), executor=row.executor, retry_of=rid)
+    new_row = new_run_row(
+        store, new_id, wf, wf.validator.to_json(params), executor=row.executor, retry_of=rid
     )
+    record_new_run(session, new_row, params)
     state = fresh_state(session, new_id, wf, recorded, strict_replay=False, reused_from=rid)
     try:
         execute(state, params)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from keel.engine.execute import execute, fresh_state, new_run_row
+from keel.engine.execute import execute, fresh_state, new_run_row, record_new_run
 from keel.engine.run import RunState, StepState, _substitute
 from keel.status import REUSABLE_STEP, RunStatus
-from keel.store.metadata import Batch
 
 
 def start_child(parent: RunState, step: StepState) -> None:
@@ -49,6 +48,7 @@ def _child_main(parent: RunState, step: StepState) -> None:
             )
         else:
             row = new_run_row(
+                store,
                 child_id,
                 workflow,
                 workflow.params_json(params),
@@ -56,7 +56,7 @@ def _child_main(parent: RunState, step: StepState) -> None:
                 parent_id=parent.run_id,
                 parent_seq=step.future.seq,
             )
-            store.write_batch(Batch(runs_new=[row]))
+            record_new_run(session, row, params)
             if parent.reused_from is not None:
                 reused_from = f"{parent.reused_from}.{step.future.seq}"
                 recorded = {

@@ -6,11 +6,13 @@ Shared by root runs (started, resumed or retried from the API) and child runs
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import socket
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,8 @@ from keel.sdk.context import set_runtime
 from keel.sdk.definitions import Workflow
 from keel.sdk.futures import StepFuture
 from keel.status import RunStatus
+from keel.store.metadata import MetadataStore
+from keel.store.tracking import MAX_PARAM_LENGTH, experiment_id
 from keel.store.values import StoredValue, store_value
 
 # How long a cancelled run waits for steps already running before it is recorded.
@@ -54,6 +58,7 @@ def owner_fields() -> dict[str, Any]:
 
 
 def new_run_row(
+    store: MetadataStore,
     run_id: str,
     workflow: Workflow[Any, Any],
     params_json: str,
@@ -78,8 +83,35 @@ def new_run_row(
         "created_at": now,
         "started_at": now,
         "cancel_requested": False,
+        "kind": "workflow",
+        "run_name": workflow.name,
+        # Every workflow run is a tracked run, by default in an experiment named
+        # after the workflow.
+        "experiment_id": experiment_id(store, workflow.experiment or workflow.name),
+        "user": _user(),
         **owner_fields(),
     }
+
+
+def record_new_run(session: Session, row: dict[str, Any], params: Mapping[str, Any]) -> None:
+    """Insert the run (at once, so a bad database fails here) and track its parameters
+    and the workflow's tags as the run's params and tags."""
+    session.store.insert_run(row)
+    run_id = row["id"]
+    for key, value in params.items():
+        text = str(value)
+        if len(text) > MAX_PARAM_LENGTH:
+            text = text[: MAX_PARAM_LENGTH - 3] + "..."
+        session.recorder.param((run_id, -1, key, text))
+    for key, value in json.loads(row["tags"] or "{}").items():
+        session.recorder.tag((run_id, -1, key, str(value)))
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
 
 
 def execute(state: RunState, params: dict[str, Any]) -> RunOutcome:

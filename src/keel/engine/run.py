@@ -171,13 +171,14 @@ class RunState:
         self._idle.set()
         self._recorder = session.recorder
         self._progress = session.progress
-        self._artifacts_url = session.artifacts_url
+        self.artifacts_url = session.artifacts_url
         self._inline_limit = session.inline_limit
+        self.db_url = session.store.url
         session.runs.append(self)
 
     # -- FutureOwner --------------------------------------------------------------
     def load_value(self, future: StepFuture[Any]) -> Any:
-        return future.stored.load(self._artifacts_url)
+        return future.stored.load(self.artifacts_url)
 
     # -- WorkflowRuntime --------------------------------------------------------------
     def submit_task(
@@ -417,8 +418,9 @@ class RunState:
             args=_substitute(step.args, live) if step.deps and step.args else step.args,
             kwargs=_substitute(step.kwargs, live) if step.deps and step.kwargs else step.kwargs,
             attempt=step.attempt,
-            artifacts_url=self._artifacts_url,
+            artifacts_url=self.artifacts_url,
             inline_limit=self._inline_limit,
+            db_url=self.db_url,
             timeout=opts.timeout,
             is_async=task.is_async,
             keep_value=live,
@@ -487,7 +489,7 @@ class RunState:
                         "size": stored.size,
                         "serializer": stored.serializer,
                         "type_name": stored.type_name,
-                        "uri": _artifact_uri(self._artifacts_url, stored.ref),
+                        "uri": _artifact_uri(self.artifacts_url, stored.ref),
                         "run_id": self.run_id,
                         "seq": step.future.seq,
                         "created_at": outcome.ended_at,

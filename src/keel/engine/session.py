@@ -12,8 +12,8 @@ from keel.executors.base import Executor
 from keel.store.metadata import MetadataStore
 
 if TYPE_CHECKING:
-    from keel.engine.recorder import Recorder
     from keel.engine.run import RunState
+    from keel.store.recorder import Recorder
 
 
 @dataclass(slots=True)

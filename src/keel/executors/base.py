@@ -52,6 +52,7 @@ class StepCall:
     attempt: int
     artifacts_url: str
     inline_limit: int
+    db_url: str | None = None
     timeout: float | None = None
     is_async: bool = False
     keep_value: bool = True  # return the live value (same process) besides recording it
@@ -138,6 +139,11 @@ def _resolve(value: Any, artifacts_url: str) -> Any:
     return value
 
 
+# Called (with the call) after every attempt, where the attempt ran: tracking uses it
+# to make what the step logged durable before the outcome is reported.
+after_step_hooks: list[Callable[[StepCall], None]] = []
+
+
 def execute_step(call: StepCall) -> StepOutcome:
     """Run one attempt here, capturing its output, and record its return value."""
     import logging
@@ -153,6 +159,9 @@ def execute_step(call: StepCall) -> StepOutcome:
             attempt=call.attempt,
             idempotency_key=call.idempotency_key,
             logger=logging.getLogger(f"keel.step.{call.task}"),
+            seq=call.seq,
+            db_url=call.db_url,
+            artifacts_url=call.artifacts_url,
         )
     )
     started = time.time()
@@ -181,5 +190,7 @@ def execute_step(call: StepCall) -> StepOutcome:
             exc.args = (exc._render(),)
         return failure(exc, started, logs=buffer.chunks)
     finally:
+        for hook in after_step_hooks:
+            hook(call)
         set_step(previous)
         capture.set_buffer(None)

@@ -24,6 +24,8 @@ class WorkflowRuntime(Protocol):
     """What the engine offers to SDK calls made inside a workflow body."""
 
     run_id: str
+    db_url: str
+    artifacts_url: str
 
     def submit_task(
         self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -48,6 +50,10 @@ class StepContext:
     attempt: int
     idempotency_key: str | None
     logger: logging.Logger
+    seq: int | None = None  # the step's position in its run (None in a workflow body)
+    # The store the run records to, so that code in the step (tracking) writes there too.
+    db_url: str | None = None
+    artifacts_url: str | None = None
 
 
 class _Local(threading.local):
@@ -72,6 +78,10 @@ def set_step(step: StepContext | None) -> StepContext | None:
     previous = _local.step
     _local.step = step
     return previous
+
+
+def current_step() -> StepContext | None:
+    return _local.step
 
 
 def context() -> StepContext:

@@ -146,9 +146,11 @@ class Workflow(Generic[P, R]):
         executor: str | None,
         max_concurrency: int | None,
         tags: Mapping[str, str],
+        experiment: str | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
+        self.experiment = experiment
         self.executor = executor
         self.max_concurrency = max_concurrency
         self.tags = dict(tags)
@@ -330,6 +332,7 @@ def workflow(
     executor: str | None = None,
     max_concurrency: int | None = None,
     tags: Mapping[str, str] | None = None,
+    experiment: str | None = None,
 ) -> Callable[[Callable[P, R]], Workflow[P, R]]: ...
 
 
@@ -341,10 +344,12 @@ def workflow(
     executor: str | None = None,
     max_concurrency: int | None = None,
     tags: Mapping[str, str] | None = None,
+    experiment: str | None = None,
 ) -> Workflow[P, R] | Callable[[Callable[P, R]], Workflow[P, R]]:
     """Mark a function as a workflow. Its parameters (with their type hints) are the
     run's parameters, validated when a run starts. `max_concurrency` caps how many of
-    its steps run at once (default: the executor's)."""
+    its steps run at once (default: the executor's). Each run is tracked in the
+    experiment `experiment` (default: the workflow's name)."""
 
     def make(f: Callable[P, R]) -> Workflow[P, R]:
         wf_name = name or f.__name__
@@ -357,7 +362,12 @@ def workflow(
         if max_concurrency is not None and max_concurrency < 1:
             raise DefinitionError(f"workflow {wf_name}: max_concurrency must be >= 1")
         wf = Workflow(
-            f, name=wf_name, executor=executor, max_concurrency=max_concurrency, tags=tags or {}
+            f,
+            name=wf_name,
+            executor=executor,
+            max_concurrency=max_concurrency,
+            tags=tags or {},
+            experiment=experiment,
         )
         _workflows[wf_name] = wf
         return wf

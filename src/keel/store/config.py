@@ -6,6 +6,9 @@
 - `KEEL_ARTIFACTS` (default `$KEEL_HOME/artifacts`): a folder or any fsspec URL.
 - `KEEL_INLINE_LIMIT` (default 16384): values whose serialized form is at most
   this many bytes are kept in the metadata row instead of the artifact store.
+- `KEEL_FLUSH_INTERVAL` (default 0.01 s): how long recorded events (step records,
+  metrics, params) gather before they are committed together. A crash loses at
+  most what was recorded during the last interval (steps then run again).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from keel.errors import ConfigError
 
 DEFAULT_INLINE_LIMIT = 16 * 1024
+DEFAULT_FLUSH_INTERVAL = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +28,7 @@ class StoreConfig:
     db_url: str
     artifacts_url: str
     inline_limit: int = DEFAULT_INLINE_LIMIT
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL
 
     @classmethod
     def from_env(cls, db_url: str | None = None, artifacts_url: str | None = None) -> StoreConfig:
@@ -38,4 +43,20 @@ class StoreConfig:
                 f"KEEL_INLINE_LIMIT must be a whole number of bytes, got {raw_limit!r}",
                 hint="Unset it or set it to e.g. 16384",
             ) from None
-        return cls(db_url=db, artifacts_url=artifacts, inline_limit=max(0, limit))
+        raw_interval = os.environ.get("KEEL_FLUSH_INTERVAL", str(DEFAULT_FLUSH_INTERVAL))
+        try:
+            interval = float(raw_interval)
+            if not 0 <= interval <= 60:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                f"KEEL_FLUSH_INTERVAL must be a number of seconds between 0 and 60, "
+                f"got {raw_interval!r}",
+                hint="Unset it or set it to e.g. 0.01",
+            ) from None
+        return cls(
+            db_url=db,
+            artifacts_url=artifacts,
+            inline_limit=max(0, limit),
+            flush_interval=interval,
+        )

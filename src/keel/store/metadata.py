@@ -34,6 +34,12 @@ class Batch:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     cache: list[dict[str, Any]] = field(default_factory=list)
     run_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Tracking rows, as tuples in the column order of TRACKING_COLUMNS.
+    metrics: list[tuple[Any, ...]] = field(default_factory=list)
+    latest_metrics: list[tuple[Any, ...]] = field(default_factory=list)
+    params: list[tuple[Any, ...]] = field(default_factory=list)
+    tags: list[tuple[Any, ...]] = field(default_factory=list)
+    logged_artifacts: list[tuple[Any, ...]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -44,7 +50,21 @@ class Batch:
             or self.artifacts
             or self.cache
             or self.run_updates
+            or self.metrics
+            or self.params
+            or self.tags
+            or self.logged_artifacts
         )
+
+
+METRIC_COLUMNS = ("run_id", "seq", "key", "value", "is_nan", "step", "timestamp")
+TRACKING_COLUMNS = {
+    "keel_metrics": METRIC_COLUMNS,
+    "keel_latest_metrics": METRIC_COLUMNS,
+    "keel_params": ("run_id", "seq", "key", "value"),
+    "keel_tags": ("run_id", "seq", "key", "value"),
+    "keel_logged_artifacts": ("run_id", "seq", "path", "hash", "size", "kind", "created_at"),
+}
 
 
 def _describe_url(url: str) -> str:
@@ -200,8 +220,44 @@ class MetadataStore:
             if batch.logs:
                 conn.execute(logs.insert(), batch.logs)
             self._upsert(conn, cache_entries, batch.cache)
+            self._write_tracking(conn, batch)
             for run_id, values in batch.run_updates.items():
                 conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
+
+    def _write_tracking(self, conn: sa.Connection, batch: Batch) -> None:
+        if batch.metrics:
+            conn.exec_driver_sql(self._tracking_sql("keel_metrics", upsert=False), batch.metrics)
+        if batch.latest_metrics:
+            conn.exec_driver_sql(self._tracking_sql("keel_latest_metrics"), batch.latest_metrics)
+        for table, rows in (
+            ("keel_params", batch.params),
+            ("keel_tags", batch.tags),
+            ("keel_logged_artifacts", batch.logged_artifacts),
+        ):
+            if rows:
+                conn.exec_driver_sql(self._tracking_sql(table), rows)
+
+    def _tracking_sql(self, table: str, upsert: bool = True) -> str:
+        key = (table, (str(upsert),))
+        sql = self._sql_cache.get(key)
+        if sql is None:
+            cols = TRACKING_COLUMNS[table]
+            mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+            sql = (
+                f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(mark for _ in cols)})"
+            )
+            if upsert:
+                keys = [c.name for c in schema.metadata.tables[table].primary_key.columns]
+                updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in keys)
+                sql += f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
+                if table == "keel_latest_metrics":
+                    # The latest value is the one with the highest step, then the newest.
+                    sql += (
+                        f" WHERE excluded.step > {table}.step OR (excluded.step = {table}.step"
+                        f" AND excluded.timestamp >= {table}.timestamp)"
+                    )
+            self._sql_cache[key] = sql
+        return sql
 
     def insert_run(self, row: dict[str, Any]) -> None:
         with self.engine.begin() as conn:

@@ -24,10 +24,6 @@ from keel.store.metadata import Batch, MetadataStore
 log = logging.getLogger("keel.recorder")
 
 _MAX_BATCH_EVENTS = 50_000
-# After the first event of a batch, gather more for at most this long before the
-# commit (a flush request commits at once). One commit per event would cost more
-# than the steps themselves when they trickle in one at a time.
-COMMIT_INTERVAL_SECONDS = 0.01
 _CANCEL_POLL_SECONDS = 0.5
 _WRITE_RETRY_SECONDS = 60.0
 
@@ -70,6 +66,29 @@ class Recorder:
     def cache(self, row: dict[str, Any]) -> None:
         self._queue.put(("cache", row))
 
+    # Tracking rows are tuples (see keel.store.metadata.TRACKING_COLUMNS): cheap to
+    # make in a training loop that logs a metric per batch.
+    def metric(self, row: tuple[Any, ...]) -> None:
+        self._queue.put(("metric", row))
+        if self._thread is None:
+            self._ensure_thread()
+
+    def param(self, row: tuple[Any, ...]) -> None:
+        self._queue.put(("param", row))
+        self._ensure_thread()
+
+    def tag(self, row: tuple[Any, ...]) -> None:
+        self._queue.put(("tag", row))
+        self._ensure_thread()
+
+    def logged_artifact(self, row: tuple[Any, ...]) -> None:
+        self._queue.put(("logged_artifact", row))
+        self._ensure_thread()
+
+    def run_insert(self, row: dict[str, Any]) -> None:
+        self._queue.put(("run_new", row))
+        self._ensure_thread()
+
     def run_update(self, run_id: str, values: dict[str, Any]) -> None:
         self._queue.put(("run", (run_id, values)))
         self._ensure_thread()
@@ -110,16 +129,24 @@ class Recorder:
             batch = Batch()
             steps: dict[tuple[str, int], dict[str, Any]] = {}
             attempts: dict[tuple[str, int, int], dict[str, Any]] = {}
+            latest: dict[tuple[str, int, str], tuple[Any, ...]] = {}
             barriers: list[threading.Event] = []
             if first[0] != "barrier":
-                # Let the batch fill without waking for every event; a flush wakes us.
-                self._wake.wait(COMMIT_INTERVAL_SECONDS)
+                # Let the batch fill without waking for every event (one commit per
+                # event would cost more than the steps themselves); a flush wakes us.
+                self._wake.wait(self.store.config.flush_interval)
             self._wake.clear()
             event: tuple[str, Any] | None = first
             count = 0
             while event is not None:
                 kind, payload = event
-                if kind == "step":
+                if kind == "metric":
+                    batch.metrics.append(payload)
+                    mkey = (payload[0], payload[1], payload[2])
+                    seen = latest.get(mkey)
+                    if seen is None or (payload[5], payload[6]) >= (seen[5], seen[6]):
+                        latest[mkey] = payload
+                elif kind == "step":
                     steps[(payload["run_id"], payload["seq"])] = payload
                 elif kind == "attempt":
                     attempts[(payload["run_id"], payload["seq"], payload["attempt"])] = payload
@@ -132,6 +159,14 @@ class Recorder:
                 elif kind == "run":
                     run_id, values = payload
                     batch.run_updates.setdefault(run_id, {}).update(values)
+                elif kind == "param":
+                    batch.params.append(payload)
+                elif kind == "tag":
+                    batch.tags.append(payload)
+                elif kind == "logged_artifact":
+                    batch.logged_artifacts.append(payload)
+                elif kind == "run_new":
+                    batch.runs_new.append(payload)
                 elif kind == "barrier":
                     barriers.append(payload)
                 count += 1
@@ -143,6 +178,7 @@ class Recorder:
                     event = None
             batch.steps = list(steps.values())
             batch.attempts = list(attempts.values())
+            batch.latest_metrics = list(latest.values())
             if batch:
                 self._write(batch)
             for barrier in barriers:
