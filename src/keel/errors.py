@@ -158,3 +158,16 @@ class Cancelled(BaseException):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         super().__init__(f"run {run_id} was cancelled")
+
+
+class ModelRegistryError(KeelError):
+    """Bad input to the model registry: a bad model name, alias, URI or flavor, or
+    something that is not a model."""
+
+
+class ModelNotFoundError(ModelRegistryError):
+    """No registered model, version, alias or logged model matches what was asked for."""
+
+
+class SignatureError(KeelError):
+    """Data given to a loaded model does not match the model's input signature."""
