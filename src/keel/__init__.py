@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         set_tag,
         set_tags,
     )
+    from keel.tracking.search import search_runs
 
 __version__ = "0.1.0"
 
@@ -90,6 +91,7 @@ __all__ = [
     "active_run",
     "set_experiment",
     "ActiveRun",
+    "search_runs",
     # reading past runs
     "Client",
     "Run",
@@ -138,6 +140,7 @@ _LAZY = {
         name: "keel.tracking.active"
         for name in ("start_run", "active_run", "set_experiment", "ActiveRun")
     },
+    "search_runs": "keel.tracking.search",
 }
 
 
