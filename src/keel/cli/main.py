@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from keel.cli import artifacts, cache, logs, running, runs
+from keel.cli import artifacts, cache, logs, running, runs, tracking_cmds
 from keel.cli.common import Settings, report_error
 
 
@@ -108,7 +108,12 @@ app.command("logs")(logs.logs)
 runs_app = _group("runs", "List and inspect recorded runs.")
 runs_app.command("ls")(runs.ls)
 runs_app.command("show")(runs.show)
+runs_app.command("compare")(tracking_cmds.compare)
 app.add_typer(runs_app)
+
+experiments_app = _group("experiments", "List the experiments tracked runs belong to.")
+experiments_app.command("ls")(tracking_cmds.experiments_ls)
+app.add_typer(experiments_app)
 
 artifacts_app = _group("artifacts", "Read the outputs steps recorded.")
 artifacts_app.command("ls")(artifacts.ls)
