@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         set_tag,
         set_tags,
     )
+    from keel.tracking.autolog import autolog
     from keel.tracking.search import search_runs
 
 __version__ = "0.1.0"
@@ -92,6 +93,7 @@ __all__ = [
     "set_experiment",
     "ActiveRun",
     "search_runs",
+    "autolog",
     # reading past runs
     "Client",
     "Run",
@@ -141,6 +143,7 @@ _LAZY = {
         for name in ("start_run", "active_run", "set_experiment", "ActiveRun")
     },
     "search_runs": "keel.tracking.search",
+    "autolog": "keel.tracking.autolog",
 }
 
 
