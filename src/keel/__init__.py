@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from keel.client import Attempt, Client, Run, Step
     from keel.engine.api import RunHandle, cancel, resume, retry, run
     from keel.store.serializers import register_serializer
+    from keel.tracking import registry as models
     from keel.tracking.active import ActiveRun, active_run, set_experiment, start_run
+    from keel.tracking.autolog import autolog
     from keel.tracking.log import (
         log_artifact,
         log_dict,
@@ -52,7 +54,8 @@ if TYPE_CHECKING:
         set_tag,
         set_tags,
     )
-    from keel.tracking.autolog import autolog
+    from keel.tracking.models import load_model, log_model
+    from keel.tracking.registry import register_model
     from keel.tracking.search import search_runs
 
 __version__ = "0.1.0"
@@ -94,6 +97,11 @@ __all__ = [
     "ActiveRun",
     "search_runs",
     "autolog",
+    # model registry
+    "log_model",
+    "register_model",
+    "load_model",
+    "models",
     # reading past runs
     "Client",
     "Run",
@@ -144,6 +152,10 @@ _LAZY = {
     },
     "search_runs": "keel.tracking.search",
     "autolog": "keel.tracking.autolog",
+    "log_model": "keel.tracking.models",
+    "load_model": "keel.tracking.models",
+    "register_model": "keel.tracking.registry",
+    "models": "keel.tracking.registry",
 }
 
 
