@@ -355,7 +355,7 @@ def test_dependents_of_a_failed_step_are_skipped(backend: str) -> None:
         "eng_inc-3": "SUCCEEDED",
     }
     assert run.step("eng_add-2").attempts == []
-    assert run.step("eng_inc-1").error_type == "UpstreamFailedError"
+    assert run.step("eng_inc-1").error_type == "keel.errors.UpstreamFailedError"
     assert "eng_fail-0" in (run.step("eng_inc-1").error_message or "")
     # The skipped steps never ran.
     assert "inc 100" in _events

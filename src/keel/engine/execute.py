@@ -196,7 +196,9 @@ def fresh_state(
 ) -> RunState:
     from keel.executors import default_concurrency
 
-    limit = workflow.max_concurrency or session.max_concurrency or default_concurrency()
+    # An explicit limit for this session (`keel run --max-concurrency`) wins over the
+    # workflow's default.
+    limit = session.max_concurrency or workflow.max_concurrency or default_concurrency()
     state = RunState(session, run_id, workflow, recorded, max_concurrency=limit, **kwargs)
     session.recorder.watch_cancel(run_id, session.cancel)
     return state

@@ -23,9 +23,11 @@ from keel.engine.session import Session
 from keel.errors import (
     Cancelled,
     ForeignFutureError,
+    KeelError,
     NonDeterminismError,
     StepFailedError,
     UpstreamFailedError,
+    qualified_name,
 )
 from keel.executors.base import StepCall, StepOutcome, ValueRef
 from keel.sdk.definitions import Task, Workflow
@@ -398,7 +400,7 @@ class RunState:
         task = step.task
         assert task is not None
         opts = task.opts
-        executor = self.session.executor(opts.executor)
+        executor = self.session.executor(opts.executor, self.max_concurrency)
         if opts.cache and step.cache_key is None:
             hit = self._cache_lookup(step)
             if hit is not None:
@@ -562,8 +564,8 @@ class RunState:
         step.ended_at = None if cancelled else time.time()
         was_running = step.started_at is not None
         if error is not None and error_type is None:
-            error_type = type(error).__qualname__
-            error_message = str(error)
+            error_type = qualified_name(type(error))
+            error_message = error.message if isinstance(error, KeelError) else str(error)
         if not cancelled or was_running:
             self._recorder.step(self._step_row(step, stored, error_type, error_message))
         if status is StepStatus.SUCCEEDED and step.cache_key:

@@ -53,14 +53,16 @@ class Session:
     def inline_limit(self) -> int:
         return self.store.config.inline_limit
 
-    def executor(self, name: str | None) -> Executor:
+    def executor(self, name: str | None, min_workers: int = 1) -> Executor:
+        """The session's executor called `name` (created on first use, with at least
+        `min_workers` workers so a run's concurrency limit can be reached)."""
         chosen = name or self.executor_name or default_executor()
         ex = self._executors.get(chosen)
         if ex is None:
             with self._lock:
                 ex = self._executors.get(chosen)
                 if ex is None:
-                    workers = self.max_concurrency or default_concurrency()
+                    workers = max(self.max_concurrency or default_concurrency(), min_workers)
                     ex = self._executors[chosen] = create_executor(chosen, workers)
         return ex
 

@@ -118,7 +118,7 @@ def failure(
         error=exc,
         error_type=qualified_name(cls),
         error_mro=tuple(qualified_name(c) for c in cls.__mro__),
-        error_message=str(exc),
+        error_message=exc.message if isinstance(exc, KeelError) else str(exc),
         traceback=tb if tb is not None else "".join(traceback.format_exception(exc)),
         retryable=exc.retryable if isinstance(exc, KeelError) else None,
         logs=logs or [],

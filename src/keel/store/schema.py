@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 metadata = MetaData()
 
@@ -59,6 +59,13 @@ runs = Table(
     Column("kind", String(16), nullable=False, default="workflow"),
     Column("user", String(100)),
     Column("lifecycle_stage", String(16), nullable=False, default="active"),
+    # Scheduling: where a queued run waits, when a suspended run wakes, what started it.
+    Column("queue", String(100)),
+    Column("priority", Integer),
+    Column("wake_at", Float),
+    Column("schedule", String(200)),
+    Column("logical_date", Float),
+    Column("trigger_name", String(200)),
     Index("ix_keel_runs_workflow_created", "workflow", "created_at"),
     Index("ix_keel_runs_experiment", "experiment_id", "created_at"),
     Index("ix_keel_runs_created", "created_at"),
@@ -148,6 +155,7 @@ cache_entries = Table(
     Column("run_id", String(64), nullable=False),
     Column("seq", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+    Index("ix_keel_cache_task", "task", "created_at"),
 )
 
 
@@ -279,4 +287,123 @@ registry_events = Table(
     Column("actor", String(100)),
     Column("at", Float, nullable=False),
     Index("ix_keel_registry_events_name", "name", "at"),
+)
+
+
+# -- scheduling and workers ----------------------------------------------------------
+# One table of claimable work for every worker: runs (their workflow body) and
+# steps sent to a named queue. A claim holds a lease that its worker renews; an
+# expired lease makes the item claimable again.
+
+queue_items = Table(
+    "keel_queue",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dedupe", String(250), nullable=False, unique=True),
+    Column("kind", String(8), nullable=False),  # run | step
+    Column("run_id", String(64), nullable=False),
+    Column("seq", Integer),
+    Column("attempt", Integer),
+    Column("queue", String(100), nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("pool", String(100)),
+    Column("not_before", Float, nullable=False),
+    Column("status", String(16), nullable=False),  # queued | claimed | done
+    Column("claimed_by", String(100)),
+    Column("lease_until", Float),
+    Column("claims", Integer, nullable=False, default=0),
+    Column("payload", LargeBinary),
+    Column("outcome", LargeBinary),
+    Column("created_at", Float, nullable=False),
+    Column("done_at", Float),
+    Index("ix_keel_queue_claim", "status", "queue", "priority", "not_before"),
+    Index("ix_keel_queue_run", "run_id"),
+)
+
+workers = Table(
+    "keel_workers",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("host", String(200), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("queues", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+)
+
+pools = Table(
+    "keel_pools",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("slots", Integer, nullable=False),
+)
+
+signals = Table(
+    "keel_signals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("payload", Text),
+    Column("sent_at", Float, nullable=False),
+    Column("consumed_seq", Integer),
+    Index("ix_keel_signals_run_name", "run_id", "name", "id"),
+)
+
+schedules = Table(
+    "keel_schedules",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("workflow", String(200), nullable=False),
+    Column("entrypoint", Text),
+    Column("cron", String(100)),
+    Column("interval_seconds", Float),
+    Column("timezone", String(64), nullable=False, default="UTC"),
+    Column("params", Text),
+    Column("catchup", String(8), nullable=False, default="latest"),
+    Column("overlap", String(16), nullable=False, default="queue"),
+    Column("max_active_runs", Integer),
+    Column("queue", String(100), nullable=False, default="default"),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("paused", Boolean, nullable=False, default=False),
+    Column("start_at", Float, nullable=False),
+    Column("end_at", Float),
+    Column("next_tick", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+ticks = Table(
+    "keel_ticks",
+    metadata,
+    Column("schedule", String(200), primary_key=True),
+    Column("logical_date", Float, primary_key=True),
+    Column("run_id", String(64)),
+    Column("created_at", Float, nullable=False),
+)
+
+triggers = Table(
+    "keel_triggers",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("config", Text),
+    Column("workflow", String(200), nullable=False),
+    Column("entrypoint", Text),
+    Column("params", Text),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("state", Text),
+    Column("created_at", Float, nullable=False),
+)
+
+trigger_events = Table(
+    "keel_trigger_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("trigger", String(200), nullable=False),
+    Column("fired_at", Float, nullable=False),
+    Column("cause", Text),
+    Column("run_id", String(64)),
+    Index("ix_keel_trigger_events_trigger", "trigger", "fired_at"),
 )
