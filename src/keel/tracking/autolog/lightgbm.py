@@ -6,7 +6,7 @@ and `LGBMRegressor` call it) with a version that adds a keel callback. It record
 - params: the `params` dict, `num_boost_round` and the names of the validation sets;
 - each iteration's evaluation results as metrics named `<data set>-<metric>`
   (e.g. `valid_0-multi_logloss`), with the iteration as the metric's step;
-- `best_iteration` (with early stopping) and `stopped_iteration`;
+- `best_iteration` (with early stopping) and `stopped_iteration` (how many ran);
 - the feature importances (split counts and gain) as `feature_importance.json`;
 - the trained Booster as a model (`keel.log_model`).
 
@@ -61,11 +61,11 @@ class LightGBMAutolog:
             self.config = config
             if len(self._patches):
                 return
-            engine = importlib.import_module("lightgbm.engine")
-            patched = self._wrap_train(engine.train)
+            train = importlib.import_module("lightgbm.engine").train
+            patched = self._wrap_train(train)
             for owner in _TRAIN_OWNERS:
                 module = importlib.import_module(owner)
-                if getattr(module, "train", None) is engine.train:
+                if getattr(module, "train", None) is train:
                     self._patches.replace(module, "train", lambda _: patched)
 
     def disable(self) -> None:
@@ -103,8 +103,10 @@ class _IterationLogger:
 
     def __init__(self) -> None:
         self.broken = False
+        self.iterations = 0
 
     def __call__(self, env: Any) -> None:
+        self.iterations = int(env.iteration) - int(env.begin_iteration) + 1
         if self.broken or not env.evaluation_result_list:
             return
         try:
@@ -136,14 +138,16 @@ def _train_and_log(
     arguments["callbacks"] = [*(arguments.get("callbacks") or []), callback]
     booster = train(*bound.args, **bound.kwargs)
     with safely("log the trained LightGBM booster"):
-        _log_booster(booster, arguments.get("train_set"), config)
+        _log_booster(booster, arguments.get("train_set"), callback.iterations, config)
     return booster
 
 
-def _log_booster(booster: Any, train_set: Any, config: AutologConfig) -> None:
+def _log_booster(booster: Any, train_set: Any, iterations: int, config: AutologConfig) -> None:
     from keel.tracking.log import log_dict
 
-    summary: dict[str, float] = {"stopped_iteration": float(booster.current_iteration())}
+    # After early stopping the returned booster keeps the best iteration's trees only;
+    # the callback counted how many iterations really ran.
+    summary: dict[str, float] = {"stopped_iteration": float(iterations)}
     best = getattr(booster, "best_iteration", 0)
     if best and best > 0:
         summary["best_iteration"] = float(best)

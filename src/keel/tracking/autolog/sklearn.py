@@ -227,10 +227,12 @@ def training_metrics(estimator: Any, x: Any, y: Any, weight: Any = None) -> dict
         found[name] = value
 
     if hasattr(estimator, "score"):
+        # Only pass what the fit had: a search's `score` refuses sample_weight=None.
+        extra = {} if weight is None else {"sample_weight": weight}
         if y is None:
-            add("training_score", lambda: estimator.score(x))
+            add("training_score", lambda: estimator.score(x, **extra))
         else:
-            add("training_score", lambda: estimator.score(x, y, sample_weight=weight))
+            add("training_score", lambda: estimator.score(x, y, **extra))
     if y is None or not hasattr(estimator, "predict"):
         return found
     if is_classifier(estimator):
