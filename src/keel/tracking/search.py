@@ -104,9 +104,7 @@ def _runs_and_steps(experiment_ids: list[int] | None) -> _Source:
     )
     tracked = sa.union_all(run_rows, step_rows).subquery("tracked")
     columns: dict[str, ColumnElement[Any]] = {
-        name: tracked.c[name]
-        for name in tracked.c.keys()
-        if name != "seq"  # noqa: SIM118
+        column.name: column for column in tracked.c if column.name != "seq"
     }
     return _Source(tracked, columns, tracked.c.seq, [])
 
@@ -310,14 +308,12 @@ def build_query(
     store: MetadataStore,
     *,
     experiment_ids: list[int] | None,
-    filter: str,
-    order_by: Sequence[str] | None,
+    expr: Expr | None,
+    keys: Sequence[OrderKey],
     max_results: int,
     include_steps: bool,
 ) -> sa.Select[Any]:
     """The SQL that finds the page of runs (their attribute columns, in order)."""
-    expr = parse_filter(filter)
-    keys: list[OrderKey] = [parse_order_by(item) for item in order_by or ()]
     source = _runs_and_steps(experiment_ids) if include_steps else _runs_only(experiment_ids)
     dialect = _Dialect(store.dialect)
     where = list(source.where)
@@ -406,11 +402,15 @@ def search_runs(
         `step_key`; run_name is then the task's name and kind 'step'.
 
     DataFrame columns: run_id, experiment, run_name, status, kind, start_time, end_time
-    (UTC), then `params.<key>`, `metrics.<key>` and `tags.<key>` (missing: NaN / None).
+    (UTC), then `params.<key>`, `metrics.<key>` and `tags.<key>` (pandas' NA where a
+    run lacks the key).
     With output_format="list", each record has those run columns and `params`,
     `metrics` and `tags` dicts holding only the keys the run has.
     """
     _check_args(max_results, output_format, order_by)
+    # A bad filter fails here, before the store is touched.
+    expr = parse_filter(filter)
+    order_keys = [parse_order_by(item) for item in order_by or ()]
     store = open_store()
     # What this process logged and has not committed yet is part of the answer.
     recorder_for(store).flush()
@@ -418,8 +418,8 @@ def search_runs(
     stmt = build_query(
         store,
         experiment_ids=ids,
-        filter=filter,
-        order_by=order_by,
+        expr=expr,
+        keys=order_keys,
         max_results=max_results,
         include_steps=include_steps,
     )
