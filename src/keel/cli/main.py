@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from keel.cli import artifacts, cache, logs, running, runs, tracking_cmds
+from keel.cli import artifacts, cache, logs, models_cmds, running, runs, tracking_cmds
 from keel.cli.common import Settings, report_error
 
 
@@ -124,6 +124,14 @@ cache_app = _group("cache", "Explain and clear the cross-run step cache.")
 cache_app.command("explain")(cache.explain)
 cache_app.command("clear")(cache.clear)
 app.add_typer(cache_app)
+
+models_app = _group("models", "The model registry: versions, aliases, audit log, lineage.")
+models_app.command("ls")(models_cmds.ls)
+models_app.command("show")(models_cmds.show)
+models_app.command("alias")(models_cmds.alias)
+models_app.command("history")(models_cmds.history)
+models_app.command("lineage")(models_cmds.lineage)
+app.add_typer(models_app)
 
 
 def main() -> None:
