@@ -27,16 +27,18 @@ from keel.errors import (
     NonDeterminismError,
     ParameterError,
     RunFailedError,
+    SignalTimeoutError,
     StepTimeoutError,
     TrackingError,
 )
 from keel.sdk.context import StepContext, context
 from keel.sdk.definitions import Resources, Task, Workflow, task, workflow
+from keel.sdk.durable import sleep, wait_for_signal
 from keel.sdk.futures import StepFuture, gather, wait
 
 if TYPE_CHECKING:
     from keel.client import Attempt, Client, Run, Step
-    from keel.engine.api import RunHandle, cancel, resume, retry, run
+    from keel.engine.api import RunHandle, cancel, resume, retry, run, signal, submit
     from keel.store.serializers import register_serializer
     from keel.tracking import registry as models
     from keel.tracking.active import ActiveRun, active_run, set_experiment, start_run
@@ -73,11 +75,15 @@ __all__ = [
     "gather",
     "context",
     "StepContext",
+    "sleep",
+    "wait_for_signal",
     # running
     "run",
     "resume",
     "retry",
     "cancel",
+    "submit",
+    "signal",
     "RunHandle",
     # tracking
     "log_param",
@@ -115,6 +121,7 @@ __all__ = [
     "NonDeterminismError",
     "RunFailedError",
     "StepTimeoutError",
+    "SignalTimeoutError",
     "TrackingError",
     "Cancelled",
 ]
@@ -124,6 +131,8 @@ _LAZY = {
     "resume": "keel.engine.api",
     "retry": "keel.engine.api",
     "cancel": "keel.engine.api",
+    "submit": "keel.engine.api",
+    "signal": "keel.engine.api",
     "RunHandle": "keel.engine.api",
     "Client": "keel.client",
     "Run": "keel.client",

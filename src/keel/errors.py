@@ -152,6 +152,24 @@ class RunFailedError(KeelError):
         super().__init__(message, run_id=run_id, step_key=step_key, hint=hint)
 
 
+class SignalTimeoutError(KeelError):
+    """`keel.wait_for_signal` reached its timeout before the signal arrived."""
+
+
+class Suspended(BaseException):
+    """Raised inside a workflow body to park the run until `wake_at` (or a signal).
+
+    The engine records the run as PENDING and queues it; whoever claims it then
+    (this process, or any worker) continues it by replay. Never shown to users.
+    """
+
+    def __init__(self, run_id: str, wake_at: float | None, reason: str) -> None:
+        self.run_id = run_id
+        self.wake_at = wake_at
+        self.reason = reason
+        super().__init__(f"run {run_id} suspended: {reason}")
+
+
 class Cancelled(BaseException):
     """The run was cancelled; raised inside the workflow body to unwind it."""
 

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from keel.engine.execute import (
+    RunOutcome,
     execute,
     fresh_state,
     new_run_row,
@@ -20,6 +21,7 @@ from keel.errors import RunStateError
 from keel.ids import new_run_id
 from keel.sdk.definitions import Workflow, registered_workflows
 from keel.status import FINISHED_RUN, REUSABLE_STEP, RunStatus
+from keel.store import queue
 from keel.store.config import StoreConfig
 from keel.store.metadata import MetadataStore, open_store
 from keel.store.recorder import recorder_for
@@ -89,10 +91,123 @@ def start_run(
     record_new_run(session, row, clean)
     state = fresh_state(session, run_id, workflow, {})
     try:
-        execute(state, clean)
+        outcome = execute(state, clean)
+        if outcome.status is RunStatus.PENDING:
+            _follow(session, run_id, workflow)
     finally:
         session.close()
     return RunHandle(run_id, store)
+
+
+# How long a claim on a queued run or step stays valid without renewal: a claimer
+# that dies is replaced by another after at most this long.
+LEASE_SECONDS = float(os.environ.get("KEEL_LEASE_SECONDS", "30"))
+_POLL_SECONDS = 0.2
+
+
+def continue_run(
+    session: Session, run_id: str, *, workflow: Workflow[Any, Any] | None = None
+) -> RunOutcome:
+    """Replay a recorded run here until it ends or parks again. The caller must hold
+    the run (its queue claim, or the knowledge that no one else runs it)."""
+    store = session.store
+    row = store.get_run(run_id)
+    assert row is not None
+    wf = workflow or locate_workflow(row.workflow, row.entrypoint)
+    params = wf.validate(json.loads(row.params or "{}"))
+    recorded = {step.seq: step for step in store.load_steps(run_id)}
+    store.update_run(
+        run_id,
+        status=str(RunStatus.RUNNING),
+        cancel_requested=False,
+        ended_at=None,
+        wake_at=None,
+        error_type=None,
+        error_message=None,
+        traceback=None,
+        **owner_fields(),
+    )
+    return execute(fresh_state(session, run_id, wf, recorded), params)
+
+
+def _follow(session: Session, run_id: str, workflow: Workflow[Any, Any] | None) -> None:
+    """Block until a parked run ends: continue it here whenever it wakes (a timer
+    expired, a signal arrived), unless a worker took it first, then wait for that."""
+    store = session.store
+    me = f"{socket.gethostname()}:{os.getpid()}:foreground"
+    keeper = queue.LeaseKeeper(store, me, LEASE_SECONDS)
+    try:
+        while True:
+            claim = queue.claim_run(store, me, run_id, lease_seconds=LEASE_SECONDS)
+            if claim is None:
+                row = store.get_run(run_id)
+                if row is None or row.status in FINISHED_RUN:
+                    return
+                time.sleep(_POLL_SECONDS)
+                continue
+            keeper.hold(claim.id)
+            try:
+                outcome = continue_run(session, run_id, workflow=workflow)
+            finally:
+                keeper.drop(claim.id)
+            if outcome.status is not RunStatus.PENDING:
+                queue.complete(store, claim.id, me)
+                return
+    finally:
+        keeper.stop()
+
+
+def submit(
+    workflow: Workflow[Any, Any],
+    /,
+    *,
+    queue_name: str = "default",
+    priority: int = 0,
+    **params: Any,
+) -> RunHandle:
+    """Queue a run for `keel worker` processes instead of running it here."""
+    clean = workflow.validate(params)
+    store = open_store()
+    session = new_session(store=store, executor=workflow.executor)
+    run_id = new_run_id()
+    row = new_run_row(
+        store, run_id, workflow, workflow.validator.to_json(clean), executor=workflow.executor
+    )
+    row.update(status=str(RunStatus.PENDING), started_at=None, queue=queue_name, priority=priority)
+    record_new_run(session, row, clean)
+    session.recorder.flush()
+    queue.enqueue(store, kind="run", run_id=run_id, queue=queue_name, priority=priority)
+    return RunHandle(run_id, store)
+
+
+def signal(
+    run_id: str, name: str, payload: Any = None, *, store: MetadataStore | None = None
+) -> None:
+    """Send the signal `name` with a JSON payload to a run; it is kept until a
+    `keel.wait_for_signal(name)` of the run reads it."""
+    from keel.store import signals
+
+    store = store or open_store()
+    rid = store.resolve_run_id(run_id)
+    row = store.get_run(rid)
+    assert row is not None
+    if row.status in FINISHED_RUN:
+        raise RunStateError(
+            f"run {rid} is {row.status}: it will never read signal {name!r}",
+            run_id=rid,
+            hint="Signal a run that is still running or waiting",
+        )
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise RunStateError(f"a signal name must be a non-empty string, got {name!r}", run_id=rid)
+    try:
+        json.dumps(payload)
+    except (TypeError, ValueError) as exc:
+        raise RunStateError(
+            f"the payload of signal {name!r} must be JSON data: {exc}", run_id=rid
+        ) from None
+    signals.send(store, rid, name, payload)
+    # A run parked on its signals (possibly a child run: wake its root) is due now.
+    queue.wake_run(store, rid.split(".")[0])
 
 
 def run(workflow: Workflow[Any, Any], /, **params: Any) -> RunHandle:
@@ -165,23 +280,13 @@ def resume(
             run_id=rid,
             hint="Cancel it first (keel cancel), or pass --force if that process is gone",
         )
-    workflow = locate_workflow(row.workflow, row.entrypoint)
-    params = workflow.validate(json.loads(row.params or "{}"))
-    recorded = {step.seq: step for step in store.load_steps(rid)}
-    store.update_run(
-        rid,
-        status=str(RunStatus.RUNNING),
-        cancel_requested=False,
-        ended_at=None,
-        error_type=None,
-        error_message=None,
-        traceback=None,
-        **owner_fields(),
-    )
     session = session or new_session(store=store, executor=row.executor)
-    state = fresh_state(session, rid, workflow, recorded)
     try:
-        execute(state, params)
+        if row.status == RunStatus.PENDING and queue.item_id_for(store, f"run:{rid}") is not None:
+            # Parked or queued: whoever claims it continues it; follow it from here.
+            _follow(session, rid, None)
+        elif continue_run(session, rid).status is RunStatus.PENDING:
+            _follow(session, rid, None)
     finally:
         session.close()
     return RunHandle(rid, store)

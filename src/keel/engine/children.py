@@ -11,6 +11,7 @@ from typing import Any
 
 from keel.engine.execute import execute, fresh_state, new_run_row, record_new_run
 from keel.engine.run import RunState, StepState, _substitute
+from keel.errors import Suspended
 from keel.status import REUSABLE_STEP, RunStatus
 
 
@@ -76,6 +77,12 @@ def _child_main(parent: RunState, step: StepState) -> None:
         return
     if outcome.status is RunStatus.SUCCEEDED:
         parent.finish_child(step, outcome.stored, None)
+    elif outcome.status is RunStatus.PENDING:
+        # The child parked itself (a long sleep or a signal wait): so does the parent,
+        # which continues the child by replay when it wakes.
+        parent.finish_child(
+            step, None, Suspended(parent.run_id, outcome.wake_at, f"child run {child_id} waits")
+        )
     else:
         assert outcome.error is not None
         parent.finish_child(step, None, outcome.error)

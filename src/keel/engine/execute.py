@@ -18,7 +18,7 @@ from typing import Any
 
 from keel.engine.run import RunState, _find_futures
 from keel.engine.session import Session
-from keel.errors import Cancelled, KeelError, SerializationError, qualified_name
+from keel.errors import Cancelled, KeelError, SerializationError, Suspended, qualified_name
 from keel.sdk.context import set_runtime
 from keel.sdk.definitions import Workflow
 from keel.sdk.futures import StepFuture
@@ -37,6 +37,7 @@ class RunOutcome:
     status: RunStatus
     stored: StoredValue | None = None
     error: BaseException | None = None
+    wake_at: float | None = None  # for a PENDING (parked) run: when it continues
 
 
 def _resolve_result(value: Any) -> Any:
@@ -122,9 +123,12 @@ def execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
     error: BaseException | None = None
     interrupted: BaseException | None = None
     value: Any = None
+    suspended: Suspended | None = None
     previous = set_runtime(state)
     try:
         value = _resolve_result(workflow.fn(**params))
+    except Suspended as exc:
+        status, suspended = RunStatus.PENDING, exc
     except Cancelled as exc:
         status, error = RunStatus.CANCELLED, exc
     except KeyboardInterrupt as exc:
@@ -145,6 +149,8 @@ def execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
         failed = state.unobserved_failure()
         if failed is not None:
             status, error = RunStatus.FAILED, failed.peek_error()
+    if suspended is not None and status is RunStatus.PENDING:
+        return _park(state, suspended)
     stored: StoredValue | None = None
     if status is RunStatus.SUCCEEDED:
         try:
@@ -163,6 +169,37 @@ def execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
     if interrupted is not None:
         raise interrupted
     return RunOutcome(state.run_id, status, stored, error)
+
+
+# A run waiting for a signal without a timeout is queued this far ahead; the
+# signal makes it claimable at once.
+_NO_DEADLINE = 10 * 365 * 24 * 3600.0
+
+
+def _park(state: RunState, suspended: Suspended) -> RunOutcome:
+    """Record the run as PENDING until it wakes, and queue it for whoever continues it."""
+    from keel.store import queue
+
+    session = state.session
+    wake_at = suspended.wake_at if suspended.wake_at is not None else time.time() + _NO_DEADLINE
+    session.recorder.unwatch(state.run_id)
+    session.recorder.run_update(
+        state.run_id, {"status": str(RunStatus.PENDING), "wake_at": wake_at}
+    )
+    session.recorder.flush()
+    row = session.store.get_run(state.run_id)
+    if row is not None and row.parent_id:
+        # A child run is continued by its parent's replay, never on its own.
+        return RunOutcome(state.run_id, RunStatus.PENDING, wake_at=wake_at)
+    queue.enqueue(
+        session.store,
+        kind="run",
+        run_id=state.run_id,
+        queue=(row.queue if row is not None and row.queue else "default"),
+        priority=(row.priority if row is not None and row.priority else 0),
+        not_before=wake_at,
+    )
+    return RunOutcome(state.run_id, RunStatus.PENDING, wake_at=wake_at)
 
 
 def _end_fields(

@@ -26,6 +26,7 @@ from keel.errors import (
     KeelError,
     NonDeterminismError,
     StepFailedError,
+    Suspended,
     UpstreamFailedError,
     qualified_name,
 )
@@ -271,6 +272,69 @@ class RunState:
         self._recorder.step(self._step_row(step, None))
         start_child(self, step)
         return future
+
+    # -- durable waits (engine/waits.py) ----------------------------------------------
+    def durable_sleep(self, seconds: float) -> None:
+        from keel.engine.waits import durable_sleep
+
+        durable_sleep(self, seconds)
+
+    def wait_for_signal(self, name: str, timeout: float | None) -> Any:
+        from keel.engine.waits import wait_for_signal
+
+        return wait_for_signal(self, name, timeout)
+
+    def allocate_wait(self, name: str, kind: str) -> tuple[int, str, Any]:
+        """A position for a timer or signal wait, and its record if replaying."""
+        if self.session.cancelled:
+            raise Cancelled(self.run_id)
+        with self.lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        key = f"{name}-{seq}"
+        row = self._replayed(seq, key, kind, name) if self.recorded else None
+        if row is not None and self.reused_from is not None and row.status in REUSABLE_STEP:
+            self._recorder.step(self._reused_row(row, StepFuture(self, seq, key)))
+        return seq, key, row
+
+    def record_wait(
+        self,
+        seq: int,
+        key: str,
+        name: str,
+        kind: str,
+        status: StepStatus,
+        *,
+        stored: StoredValue | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        now = time.time()
+        self._recorder.step(
+            {
+                "run_id": self.run_id,
+                "seq": seq,
+                "key": key,
+                "task": name,
+                "kind": kind,
+                "status": str(status),
+                "attempts": 1,
+                "started_at": now,
+                "ended_at": None if status is StepStatus.RUNNING else now,
+                "deps": None,
+                "output_serializer": stored.serializer if stored else None,
+                "output_inline": stored.inline if stored else None,
+                "output_ref": stored.ref if stored else None,
+                "output_hash": stored.digest if stored else None,
+                "output_type": stored.type_name if stored else None,
+                "output_size": stored.size if stored else None,
+                "cache_key": None,
+                "cache_info": None,
+                "cached_from": None,
+                "child_run_id": None,
+                "error_type": qualified_name(type(error)) if error is not None else None,
+                "error_message": error.message if isinstance(error, KeelError) else None,
+            }
+        )
 
     # -- replay -----------------------------------------------------------------------
     def _replayed(self, seq: int, key: str, kind: str, name: str) -> Any:
@@ -557,9 +621,10 @@ class RunState:
         error_message: str | None = None,
     ) -> list[StepState]:
         """Record the step's final state, complete its future, release dependents."""
-        cancelled = isinstance(error, Cancelled)
+        # A cancelled step, or a child run that parked itself, never ran to an end.
+        cancelled = isinstance(error, (Cancelled, Suspended))
         step.finished = True
-        # A cancelled step never ran to an end: it is recorded as not started.
+
         step.status = StepStatus.PENDING if cancelled else status
         step.ended_at = None if cancelled else time.time()
         was_running = step.started_at is not None

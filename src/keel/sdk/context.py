@@ -39,6 +39,10 @@ class WorkflowRuntime(Protocol):
         self, workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> StepFuture[Any]: ...
 
+    def durable_sleep(self, seconds: float) -> None: ...
+
+    def wait_for_signal(self, name: str, timeout: float | None) -> Any: ...
+
 
 @dataclass(frozen=True, slots=True)
 class StepContext:

@@ -1,0 +1,391 @@
+"""The shared work queue: enqueue, claim with a lease, renew, complete, hand back.
+
+Claims are single statements that the database makes atomic: on PostgreSQL the
+candidate row is locked with `FOR UPDATE SKIP LOCKED`, so any number of workers on
+any number of hosts never take the same item; on SQLite the claiming UPDATE runs in
+one write transaction, which SQLite serializes. An item whose lease ran out (its
+worker died) is claimable again. A pool caps how many claimed items of its name
+may be held at once across all workers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from keel.errors import ConfigError
+from keel.store.metadata import MetadataStore
+from keel.store.schema import pools, queue_items, workers
+
+QUEUED, CLAIMED, DONE = "queued", "claimed", "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    id: int
+    kind: str
+    run_id: str
+    seq: int | None
+    attempt: int | None
+    queue: str
+    pool: str | None
+    payload: bytes | None
+    claims: int
+
+
+def _insert_ignore(store: MetadataStore, conn: sa.Connection, row: dict[str, Any]) -> None:
+    if store.dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    conn.execute(insert(queue_items).on_conflict_do_nothing(index_elements=["dedupe"]), [row])
+
+
+def enqueue(
+    store: MetadataStore,
+    *,
+    kind: str,
+    run_id: str,
+    queue: str = "default",
+    priority: int = 0,
+    pool: str | None = None,
+    not_before: float | None = None,
+    seq: int | None = None,
+    attempt: int | None = None,
+    payload: bytes | None = None,
+) -> None:
+    """Queue a run or a step. Queuing the same step attempt twice is a no-op (a
+    coordinator that resumed after a crash re-submits what was in flight)."""
+    if pool is not None:
+        check_pool(store, pool)
+    now = time.time()
+    dedupe = f"run:{run_id}" if kind == "run" else f"step:{run_id}:{seq}:{attempt}"
+    row = {
+        "dedupe": dedupe,
+        "kind": kind,
+        "run_id": run_id,
+        "seq": seq,
+        "attempt": attempt,
+        "queue": queue,
+        "priority": priority,
+        "pool": pool,
+        "not_before": now if not_before is None else not_before,
+        "status": QUEUED,
+        "claims": 0,
+        "payload": payload,
+        "created_at": now,
+    }
+    with store.engine.begin() as conn:
+        if kind == "run":
+            # A run has one queue entry, re-armed whenever it is suspended again.
+            updated = conn.execute(
+                queue_items.update()
+                .where(queue_items.c.dedupe == dedupe)
+                .values(
+                    status=QUEUED,
+                    not_before=row["not_before"],
+                    claimed_by=None,
+                    lease_until=None,
+                    queue=queue,
+                    priority=priority,
+                )
+            ).rowcount
+            if updated:
+                return
+        _insert_ignore(store, conn, row)
+
+
+def wake_run(store: MetadataStore, run_id: str) -> None:
+    """Make a queued (suspended) run claimable now, e.g. when a signal arrives."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            queue_items.update()
+            .where(
+                queue_items.c.dedupe == f"run:{run_id}",
+                queue_items.c.status == QUEUED,
+            )
+            .values(not_before=time.time())
+        )
+
+
+def _claimable(now: float, queues: Sequence[str], kinds: Sequence[str]) -> Any:
+    return sa.and_(
+        queue_items.c.queue.in_(list(queues)),
+        queue_items.c.kind.in_(list(kinds)),
+        queue_items.c.not_before <= now,
+        sa.or_(
+            queue_items.c.status == QUEUED,
+            sa.and_(queue_items.c.status == CLAIMED, queue_items.c.lease_until < now),
+        ),
+    )
+
+
+def claim(
+    store: MetadataStore,
+    worker_id: str,
+    queues: Sequence[str],
+    *,
+    lease_seconds: float,
+    kinds: Sequence[str] = ("run", "step"),
+    limit_scan: int = 20,
+) -> Claim | None:
+    """Take the most urgent claimable item of the given queues, or None."""
+    now = time.time()
+    with store.engine.begin() as conn:
+        stmt = (
+            sa.select(queue_items.c.id, queue_items.c.pool)
+            .where(_claimable(now, queues, kinds))
+            .order_by(queue_items.c.priority.desc(), queue_items.c.id)
+            .limit(limit_scan)
+        )
+        if store.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        else:
+            # Take SQLite's write lock now, so the check and the claim below are one
+            # serialized transaction (no other process can claim in between).
+            conn.exec_driver_sql("UPDATE keel_queue SET id = id WHERE 0")
+        full: set[str] = set()
+        for item_id, pool in conn.execute(stmt).all():
+            if pool is not None and (pool in full or not _pool_has_room(store, conn, pool, now)):
+                full.add(pool)
+                continue
+            row = conn.execute(
+                queue_items.update()
+                .where(queue_items.c.id == item_id)
+                .values(
+                    status=CLAIMED,
+                    claimed_by=worker_id,
+                    lease_until=now + lease_seconds,
+                    claims=queue_items.c.claims + 1,
+                )
+                .returning(
+                    queue_items.c.id,
+                    queue_items.c.kind,
+                    queue_items.c.run_id,
+                    queue_items.c.seq,
+                    queue_items.c.attempt,
+                    queue_items.c.queue,
+                    queue_items.c.pool,
+                    queue_items.c.payload,
+                    queue_items.c.claims,
+                )
+            ).first()
+            if row is not None:
+                return Claim(*row)
+    return None
+
+
+def _pool_has_room(store: MetadataStore, conn: sa.Connection, pool: str, now: float) -> bool:
+    slots_stmt = sa.select(pools.c.slots).where(pools.c.name == pool)
+    if store.dialect == "postgresql":
+        # Serialize claimers of one pool: the count below must not change under us.
+        slots_stmt = slots_stmt.with_for_update()
+    slots = conn.execute(slots_stmt).scalar()
+    if slots is None:
+        return False
+    held = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(queue_items)
+        .where(
+            queue_items.c.pool == pool,
+            queue_items.c.status == CLAIMED,
+            queue_items.c.lease_until >= now,
+        )
+    ).scalar()
+    return int(held or 0) < int(slots)
+
+
+def renew(
+    store: MetadataStore, worker_id: str, item_ids: Sequence[int], lease_seconds: float
+) -> int:
+    """Extend the leases this worker holds; returns how many it still holds."""
+    if not item_ids:
+        return 0
+    with store.engine.begin() as conn:
+        return int(
+            conn.execute(
+                queue_items.update()
+                .where(
+                    queue_items.c.id.in_(list(item_ids)),
+                    queue_items.c.claimed_by == worker_id,
+                    queue_items.c.status == CLAIMED,
+                )
+                .values(lease_until=time.time() + lease_seconds)
+            ).rowcount
+            or 0
+        )
+
+
+def complete(
+    store: MetadataStore, item_id: int, worker_id: str, outcome: bytes | None = None
+) -> bool:
+    """Mark a claimed item done (with a step's outcome). False if the claim was lost."""
+    with store.engine.begin() as conn:
+        done = conn.execute(
+            queue_items.update()
+            .where(
+                queue_items.c.id == item_id,
+                queue_items.c.claimed_by == worker_id,
+                queue_items.c.status == CLAIMED,
+            )
+            .values(status=DONE, outcome=outcome, done_at=time.time(), lease_until=None)
+        ).rowcount
+    return bool(done)
+
+
+def release(
+    store: MetadataStore, item_id: int, worker_id: str, *, not_before: float | None = None
+) -> None:
+    """Hand a claim back (worker stopping, run suspended): claimable again."""
+    values: dict[str, Any] = {"status": QUEUED, "claimed_by": None, "lease_until": None}
+    if not_before is not None:
+        values["not_before"] = not_before
+    with store.engine.begin() as conn:
+        conn.execute(
+            queue_items.update()
+            .where(queue_items.c.id == item_id, queue_items.c.claimed_by == worker_id)
+            .values(**values)
+        )
+
+
+def finished_outcomes(store: MetadataStore, item_ids: Sequence[int]) -> list[tuple[int, bytes]]:
+    """Outcomes of done step items among `item_ids` (removing them from the queue)."""
+    if not item_ids:
+        return []
+    with store.engine.begin() as conn:
+        rows = conn.execute(
+            sa.select(queue_items.c.id, queue_items.c.outcome).where(
+                queue_items.c.id.in_(list(item_ids)), queue_items.c.status == DONE
+            )
+        ).all()
+        if rows:
+            conn.execute(queue_items.delete().where(queue_items.c.id.in_([r[0] for r in rows])))
+    return [(int(r[0]), bytes(r[1] or b"")) for r in rows]
+
+
+def item_id_for(store: MetadataStore, dedupe: str) -> int | None:
+    with store.engine.connect() as conn:
+        found = conn.execute(
+            sa.select(queue_items.c.id).where(queue_items.c.dedupe == dedupe)
+        ).scalar()
+    return int(found) if found is not None else None
+
+
+def set_pool(store: MetadataStore, name: str, slots: int) -> None:
+    if slots < 0:
+        raise ConfigError(f"pool {name!r}: slots must be >= 0, got {slots}")
+    with store.engine.begin() as conn:
+        updated = conn.execute(pools.update().where(pools.c.name == name).values(slots=slots))
+        if not updated.rowcount:
+            conn.execute(pools.insert().values(name=name, slots=slots))
+
+
+def list_pools(store: MetadataStore) -> dict[str, int]:
+    with store.engine.connect() as conn:
+        return {r.name: r.slots for r in conn.execute(sa.select(pools))}
+
+
+def check_pool(store: MetadataStore, name: str) -> None:
+    known = list_pools(store)
+    if name not in known:
+        raise ConfigError(
+            f"unknown pool {name!r}",
+            hint=f"Create it with `keel pools set {name} SLOTS`"
+            + (f"; existing pools: {', '.join(sorted(known))}" if known else ""),
+        )
+
+
+def live_workers(store: MetadataStore, stale_after: float = 30.0) -> list[Any]:
+    with store.engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.select(workers).where(
+                    workers.c.status == "running",
+                    workers.c.heartbeat_at >= time.time() - stale_after,
+                )
+            )
+        )
+
+
+def claim_run(
+    store: MetadataStore, worker_id: str, run_id: str, *, lease_seconds: float
+) -> Claim | None:
+    """Claim one particular run's queue entry if it is claimable now."""
+    now = time.time()
+    with store.engine.begin() as conn:
+        row = conn.execute(
+            queue_items.update()
+            .where(
+                queue_items.c.dedupe == f"run:{run_id}",
+                queue_items.c.not_before <= now,
+                sa.or_(
+                    queue_items.c.status == QUEUED,
+                    sa.and_(queue_items.c.status == CLAIMED, queue_items.c.lease_until < now),
+                ),
+            )
+            .values(
+                status=CLAIMED,
+                claimed_by=worker_id,
+                lease_until=now + lease_seconds,
+                claims=queue_items.c.claims + 1,
+            )
+            .returning(
+                queue_items.c.id,
+                queue_items.c.kind,
+                queue_items.c.run_id,
+                queue_items.c.seq,
+                queue_items.c.attempt,
+                queue_items.c.queue,
+                queue_items.c.pool,
+                queue_items.c.payload,
+                queue_items.c.claims,
+            )
+        ).first()
+    return Claim(*row) if row is not None else None
+
+
+class LeaseKeeper:
+    """Renews a worker's leases in the background while it works on its claims."""
+
+    def __init__(self, store: MetadataStore, worker_id: str, lease_seconds: float) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, item_id: int) -> None:
+        with self._lock:
+            self._ids.add(item_id)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="keel-leases", daemon=True)
+                self._thread.start()
+
+    def drop(self, item_id: int) -> None:
+        with self._lock:
+            self._ids.discard(item_id)
+
+    def held(self) -> list[int]:
+        with self._lock:
+            return sorted(self._ids)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            ids = self.held()
+            if not ids:
+                continue
+            try:
+                renew(self.store, self.worker_id, ids, self.lease_seconds)
+            except sa.exc.SQLAlchemyError:
+                # The database blipped: try again at the next beat, well within the lease.
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
