@@ -161,12 +161,15 @@ def submit(
     workflow: Workflow[Any, Any],
     /,
     *,
-    queue_name: str = "default",
-    priority: int = 0,
+    queue_name: str | None = None,
+    priority: int | None = None,
     **params: Any,
 ) -> RunHandle:
-    """Queue a run for `keel worker` processes instead of running it here."""
+    """Queue a run for `keel worker` processes instead of running it here (on the
+    workflow's queue and priority unless given)."""
     clean = workflow.validate(params)
+    queue_name = queue_name or workflow.queue
+    priority = workflow.priority if priority is None else priority
     store = open_store()
     session = new_session(store=store, executor=workflow.executor)
     run_id = new_run_id()

@@ -140,6 +140,10 @@ def execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
         set_runtime(previous)
     if session.cancelled and status is RunStatus.SUCCEEDED:
         status, error = RunStatus.CANCELLED, Cancelled(state.run_id)
+    if session.handing_back and status is RunStatus.CANCELLED:
+        # Not a cancellation: a stopping worker hands the run to another worker.
+        status, error = RunStatus.PENDING, None
+        suspended = Suspended(state.run_id, time.time(), "handed back by a stopping worker")
     try:
         state.wait_idle(CANCEL_GRACE_SECONDS if status is RunStatus.CANCELLED else None)
     except KeyboardInterrupt as exc:  # a second Ctrl-C: stop waiting for running steps

@@ -464,7 +464,10 @@ class RunState:
         task = step.task
         assert task is not None
         opts = task.opts
-        executor = self.session.executor(opts.executor, self.max_concurrency)
+        # A step bound for a queue goes to whichever worker serves it.
+        executor = self.session.executor(
+            "queue" if opts.queue else opts.executor, self.max_concurrency
+        )
         if opts.cache and step.cache_key is None:
             hit = self._cache_lookup(step)
             if hit is not None:
@@ -491,7 +494,7 @@ class RunState:
             is_async=task.is_async,
             keep_value=live,
             resources=task.resource_request,
-            options=opts.executor_options,
+            options=task.call_options,
         )
         attempt_started = now
         executor.submit(call, lambda outcome: self._on_outcome(step, outcome, attempt_started))

@@ -41,6 +41,7 @@ class Session:
     max_concurrency: int | None = None
     progress: Progress = field(default_factory=Progress)
     cancelled: bool = False
+    handing_back: bool = False
     runs: list[RunState] = field(default_factory=list)
     _executors: dict[str, Executor] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -65,6 +66,12 @@ class Session:
                     workers = max(self.max_concurrency or default_concurrency(), min_workers)
                     ex = self._executors[chosen] = create_executor(chosen, workers)
         return ex
+
+    def hand_back(self) -> None:
+        """A stopping worker gives its runs back: each parks itself at its next keel
+        call (recorded steps kept) and is re-queued for another worker."""
+        self.handing_back = True
+        self.cancel()
 
     def cancel(self) -> None:
         """Stop starting steps in every run of this session; wake their bodies."""

@@ -26,7 +26,32 @@ def _processes(max_workers: int) -> Executor:
     return ProcessExecutor(max_workers)
 
 
-_factories: dict[str, ExecutorFactory] = {"threads": _threads, "processes": _processes}
+def _ray(max_workers: int) -> Executor:
+    # Ray is an optional extra and slow to import: look for it without importing it.
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "the Ray executor needs Ray, which is not installed",
+            hint="Install it with `pip install keel[ray]` (or `pip install 'ray>=2.40'`)",
+        )
+    from keel.executors.ray_executor import RayExecutor
+
+    return RayExecutor(max_workers)
+
+
+def _queue(max_workers: int) -> Executor:
+    from keel.executors.queue import QueueExecutor
+
+    return QueueExecutor(max_workers)
+
+
+_factories: dict[str, ExecutorFactory] = {
+    "threads": _threads,
+    "processes": _processes,
+    "queue": _queue,
+    "ray": _ray,
+}
 
 
 def register_executor(name: str, factory: ExecutorFactory) -> None:
@@ -40,8 +65,7 @@ def create_executor(name: str, max_workers: int) -> Executor:
     except KeyError:
         raise ConfigError(
             f"no executor named {name!r} is available",
-            hint=f"Available: {', '.join(sorted(_factories))}"
-            + ("; the Ray executor needs `pip install keel[ray]`" if name == "ray" else ""),
+            hint=f"Available: {', '.join(sorted(_factories))}",
         ) from None
     return factory(max_workers)
 

@@ -52,6 +52,10 @@ class TaskOptions:
     resources: Resources = field(default_factory=Resources)
     max_concurrency: int | None = None
     executor_options: Mapping[str, Any] = field(default_factory=dict)
+    # Send the step to `keel worker` processes serving this queue (any host).
+    queue: str | None = None
+    pool: str | None = None
+    priority: int = 0
 
 
 def _check_executor(executor: str | None, where: str) -> None:
@@ -60,6 +64,20 @@ def _check_executor(executor: str | None, where: str) -> None:
             f"{where}: unknown executor {executor!r}",
             hint=f"Use one of: {', '.join(EXECUTORS)}",
         )
+
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:")
+
+
+def _check_queue_name(name: str | None, where: str) -> str | None:
+    if name is not None and (
+        not isinstance(name, str) or not name or len(name) > 100 or set(name) - _NAME_CHARS
+    ):
+        raise DefinitionError(
+            f"{where}: bad queue or pool name {name!r}",
+            hint="Use letters, digits and _ - . : (at most 100 characters)",
+        )
+    return name
 
 
 def _source_hash(fn: Callable[..., Any]) -> str:
@@ -87,6 +105,12 @@ class Task(Generic[P, R]):
         self.resource_request: dict[str, float] = {
             k: v for k, v in request.items() if v is not None
         }
+        # What every step call of this task tells its executor.
+        self.call_options: dict[str, Any] = dict(options.executor_options)
+        if options.queue:
+            self.call_options.update(
+                queue=options.queue, pool=options.pool, priority=options.priority
+            )
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -147,10 +171,14 @@ class Workflow(Generic[P, R]):
         max_concurrency: int | None,
         tags: Mapping[str, str],
         experiment: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
     ) -> None:
         self.fn = fn
         self.name = name
         self.experiment = experiment
+        self.queue = queue
+        self.priority = priority
         self.executor = executor
         self.max_concurrency = max_concurrency
         self.tags = dict(tags)
@@ -233,6 +261,9 @@ def task(
     resources: Resources | Mapping[str, Any] | None = None,
     max_concurrency: int | None = None,
     executor_options: Mapping[str, Any] | None = None,
+    queue: str | None = None,
+    pool: str | None = None,
+    priority: int = 0,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -255,6 +286,9 @@ def task(
     resources: Resources | Mapping[str, Any] | None = None,
     max_concurrency: int | None = None,
     executor_options: Mapping[str, Any] | None = None,
+    queue: str | None = None,
+    pool: str | None = None,
+    priority: int = 0,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Mark a function as a task.
 
@@ -265,6 +299,9 @@ def task(
     `cache=True` reuses an earlier output with the same task name, source code,
     `cache_version` and inputs. `resources`: cpus, gpus, memory (bytes), custom.
     `executor_options` go to the executor as they are (e.g. `{"runtime_env": ...}` for Ray).
+    `queue` sends each step to the `keel worker` processes serving that queue; `pool`
+    caps how many steps of the pool run at once across all workers; `priority`
+    orders steps within a queue (higher first).
     """
 
     def make(f: Callable[P, R]) -> Task[P, R]:
@@ -315,6 +352,9 @@ def task(
             resources=res,
             max_concurrency=max_concurrency,
             executor_options=dict(executor_options or {}),
+            queue=_check_queue_name(queue, where),
+            pool=_check_queue_name(pool, where),
+            priority=priority,
         )
         return Task(f, opts)
 
@@ -333,6 +373,8 @@ def workflow(
     max_concurrency: int | None = None,
     tags: Mapping[str, str] | None = None,
     experiment: str | None = None,
+    queue: str = "default",
+    priority: int = 0,
 ) -> Callable[[Callable[P, R]], Workflow[P, R]]: ...
 
 
@@ -345,11 +387,14 @@ def workflow(
     max_concurrency: int | None = None,
     tags: Mapping[str, str] | None = None,
     experiment: str | None = None,
+    queue: str = "default",
+    priority: int = 0,
 ) -> Workflow[P, R] | Callable[[Callable[P, R]], Workflow[P, R]]:
     """Mark a function as a workflow. Its parameters (with their type hints) are the
     run's parameters, validated when a run starts. `max_concurrency` caps how many of
     its steps run at once (default: the executor's). Each run is tracked in the
-    experiment `experiment` (default: the workflow's name)."""
+    experiment `experiment` (default: the workflow's name). `queue` and `priority`
+    place runs submitted for workers (`keel run --submit`, `keel.submit`)."""
 
     def make(f: Callable[P, R]) -> Workflow[P, R]:
         wf_name = name or f.__name__
@@ -368,6 +413,8 @@ def workflow(
             max_concurrency=max_concurrency,
             tags=tags or {},
             experiment=experiment,
+            queue=_check_queue_name(queue, f"workflow {wf_name}") or "default",
+            priority=priority,
         )
         _workflows[wf_name] = wf
         return wf

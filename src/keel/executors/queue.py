@@ -1,0 +1,100 @@
+"""The queue executor: steps go to the shared work queue in the metadata store, and
+`keel worker` processes (on any host that reaches the database) run them.
+
+A step is queued once per attempt (a coordinator that resumed after a crash
+re-submits the same attempt and finds it queued, running, or done). The
+coordinator polls for finished attempts; their outcomes travel back through the
+queue row. A worker that dies loses its lease and the attempt is claimed again.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from keel.errors import KeelError
+from keel.executors.base import StepCall, StepOutcome, failure
+from keel.store import queue
+from keel.store.config import StoreConfig
+from keel.store.metadata import open_store
+
+_POLL_SECONDS = 0.05
+
+
+class QueueExecutor:
+    name = "queue"
+    in_process = False
+
+    def __init__(self, max_workers: int) -> None:
+        self._pending: dict[int, tuple[StepCall, Callable[[StepOutcome], None]]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._store: Any = None
+
+    def submit(self, call: StepCall, done: Callable[[StepOutcome], None]) -> None:
+        import cloudpickle
+
+        started = time.time()
+        call.keep_value = False
+        store = self._store or open_store(
+            StoreConfig.from_env(db_url=call.db_url, artifacts_url=call.artifacts_url)
+        )
+        self._store = store
+        try:
+            queue.enqueue(
+                store,
+                kind="step",
+                run_id=call.run_id,
+                seq=call.seq,
+                attempt=call.attempt,
+                queue=str(call.options.get("queue") or "default"),
+                pool=call.options.get("pool"),
+                priority=int(call.options.get("priority") or 0),
+                payload=bytes(cloudpickle.dumps(call)),
+            )
+            item_id = queue.item_id_for(store, f"step:{call.run_id}:{call.seq}:{call.attempt}")
+        except KeelError as exc:
+            exc.run_id, exc.step_key = call.run_id, call.key
+            exc.args = (exc._render(),)
+            done(failure(exc, started, tb=""))
+            return
+        if item_id is None:  # consumed meanwhile by a previous coordinator: run it again
+            done(failure(KeelError("the queued attempt vanished", run_id=call.run_id), started))
+            return
+        with self._lock:
+            self._pending[item_id] = (call, done)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._poll, name="keel-queue", daemon=True)
+                self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._closed:
+            with self._lock:
+                ids = list(self._pending)
+            if ids:
+                try:
+                    finished = queue.finished_outcomes(self._store, ids)
+                except Exception:  # the database blipped: ask again shortly
+                    finished = []
+                for item_id, data in finished:
+                    with self._lock:
+                        entry = self._pending.pop(item_id, None)
+                    if entry is None:
+                        continue
+                    _, done = entry
+                    try:
+                        outcome: StepOutcome = pickle.loads(data)
+                    except Exception as exc:
+                        outcome = failure(exc, time.time())
+                    done(outcome)
+            time.sleep(_POLL_SECONDS)
+
+    def cancel(self, run_id: str) -> None:
+        """Attempts already queued stay queued; the engine ignores what they return."""
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._closed = True

@@ -1,0 +1,1 @@
+"""What starts runs: workers that take queued work, schedules, triggers."""
