@@ -751,3 +751,16 @@ def test_the_public_api() -> None:
         "history",
     ):
         assert callable(getattr(keel.models, name))
+
+
+def test_onnx_regressor_predicts_like_scikit_learn(backend: str) -> None:
+    pytest.importorskip("onnxruntime")
+    from sklearn.linear_model import LinearRegression
+
+    data = frame()
+    model = LinearRegression().fit(data[FEATURES], data["a"] * 2 + data["b"])
+    keel.register_model("onnx_reg", model, flavor="onnx", input_example=data[FEATURES].head())
+    loaded = keel.load_model("models:/onnx_reg/1")
+    got = loaded.predict(data[FEATURES])
+    assert got.shape == (len(data),)
+    assert np.allclose(got, model.predict(data[FEATURES]), atol=1e-4)

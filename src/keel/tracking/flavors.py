@@ -231,7 +231,9 @@ class OnnxModel:
         return self.run({self.inputs[0].name: np.asarray(data).astype(dtype, copy=False)})
 
     def predict(self, data: Any) -> Any:
-        return self._outputs(data)[0]
+        out = self._outputs(data)[0]
+        # A regressor's output is (rows, 1); scikit-learn gives (rows,).
+        return out.ravel() if getattr(out, "ndim", 0) == 2 and out.shape[1] == 1 else out
 
     def predict_proba(self, data: Any) -> Any:
         outputs = self._outputs(data)

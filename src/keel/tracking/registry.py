@@ -343,10 +343,7 @@ def _live_source(
     from keel.tracking.active import current
     from keel.tracking.models import log_model
 
-    run = current(start=False)
-    if run is None:
-        auto = getattr(sys.modules["keel.tracking.active"], "_auto_run", None)
-        run = auto.tracked if auto is not None else None
+    run = current(start=False)  # a run opened by start_run, a step or a workflow body
     if run is None:
         return _saved_source(store, model, flavor, sig, ModelSource(flavor, "", {}, sig))
     if run.seq < 0:
