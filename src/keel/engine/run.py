@@ -187,20 +187,10 @@ class RunState:
     def submit_task(
         self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> StepFuture[Any]:
-        if self.session.cancelled:
-            raise Cancelled(self.run_id)
-        with self.lock:
-            seq = self._next_seq
-            self._next_seq += 1
-        key = f"{task.name}-{seq}"
-        future: StepFuture[Any] = StepFuture(self, seq, key)
-        attempt = 1
-        if self.recorded:
-            row = self._replayed(seq, key, "task", task.name)
-            if row is not None:
-                if row.status in REUSABLE_STEP:
-                    return self._replay(future, row)
-                attempt = (row.attempts or 0) + 1
+        future, row = self._position(task.name, "task")
+        if future.done_flag:
+            return future
+        attempt = (row.attempts or 0) + 1 if row is not None else 1
         deps: list[StepFuture[Any]] = []
         if args:
             _find_futures(args, deps)
@@ -241,20 +231,11 @@ class RunState:
     ) -> StepFuture[Any]:
         from keel.engine.children import start_child
 
-        if self.session.cancelled:
-            raise Cancelled(self.run_id)
-        with self.lock:
-            seq = self._next_seq
-            self._next_seq += 1
-        key = f"{workflow.name}-{seq}"
-        future: StepFuture[Any] = StepFuture(self, seq, key)
-        attempt = 1
-        if self.recorded:
-            row = self._replayed(seq, key, "workflow", workflow.name)
-            if row is not None:
-                if row.status in REUSABLE_STEP:
-                    return self._replay(future, row)
-                attempt = (row.attempts or 0) + 1
+        future, row = self._position(workflow.name, "workflow")
+        if future.done_flag:
+            return future
+        attempt = (row.attempts or 0) + 1 if row is not None else 1
+        seq = future.seq
         deps: list[StepFuture[Any]] = []
         _find_futures((args, kwargs), deps)
         step = StepState(future, None, args, kwargs, deps, attempt)
@@ -286,16 +267,8 @@ class RunState:
 
     def allocate_wait(self, name: str, kind: str) -> tuple[int, str, Any]:
         """A position for a timer or signal wait, and its record if replaying."""
-        if self.session.cancelled:
-            raise Cancelled(self.run_id)
-        with self.lock:
-            seq = self._next_seq
-            self._next_seq += 1
-        key = f"{name}-{seq}"
-        row = self._replayed(seq, key, kind, name) if self.recorded else None
-        if row is not None and self.reused_from is not None and row.status in REUSABLE_STEP:
-            self._recorder.step(self._reused_row(row, StepFuture(self, seq, key)))
-        return seq, key, row
+        future, row = self._position(name, kind)
+        return future.seq, future.key, row
 
     def record_wait(
         self,
@@ -337,6 +310,22 @@ class RunState:
         )
 
     # -- replay -----------------------------------------------------------------------
+    def _position(self, name: str, kind: str) -> tuple[StepFuture[Any], Any]:
+        """The next position in the body's call sequence, its future, and its record
+        when replaying. A recorded success completes the future at once."""
+        if self.session.cancelled:
+            raise Cancelled(self.run_id)
+        with self.lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        future: StepFuture[Any] = StepFuture(self, seq, f"{name}-{seq}")
+        if not self.recorded:
+            return future, None
+        row = self._replayed(seq, future.key, kind, name)
+        if row is not None and row.status in REUSABLE_STEP:
+            self._replay(future, row)
+        return future, row
+
     def _replayed(self, seq: int, key: str, kind: str, name: str) -> Any:
         row = self.recorded.pop(seq, None)
         if row is None:

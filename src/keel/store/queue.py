@@ -38,6 +38,29 @@ class Claim:
     claims: int
 
 
+# What a claim returns, in the order of Claim's fields.
+_CLAIM_COLUMNS = (
+    queue_items.c.id,
+    queue_items.c.kind,
+    queue_items.c.run_id,
+    queue_items.c.seq,
+    queue_items.c.attempt,
+    queue_items.c.queue,
+    queue_items.c.pool,
+    queue_items.c.payload,
+    queue_items.c.claims,
+)
+
+
+def _claimed_values(worker_id: str, now: float, lease_seconds: float) -> dict[str, Any]:
+    return {
+        "status": CLAIMED,
+        "claimed_by": worker_id,
+        "lease_until": now + lease_seconds,
+        "claims": queue_items.c.claims + 1,
+    }
+
+
 def _insert_ignore(store: MetadataStore, conn: sa.Connection, row: dict[str, Any]) -> None:
     if store.dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -113,15 +136,22 @@ def wake_run(store: MetadataStore, run_id: str) -> None:
         )
 
 
-def _claimable(now: float, queues: Sequence[str], kinds: Sequence[str]) -> Any:
+def _due(now: float) -> Any:
+    """Claimable now: queued and due, or claimed by a worker whose lease ran out."""
     return sa.and_(
-        queue_items.c.queue.in_(list(queues)),
-        queue_items.c.kind.in_(list(kinds)),
         queue_items.c.not_before <= now,
         sa.or_(
             queue_items.c.status == QUEUED,
             sa.and_(queue_items.c.status == CLAIMED, queue_items.c.lease_until < now),
         ),
+    )
+
+
+def _claimable(now: float, queues: Sequence[str], kinds: Sequence[str]) -> Any:
+    return sa.and_(
+        queue_items.c.queue.in_(list(queues)),
+        queue_items.c.kind.in_(list(kinds)),
+        _due(now),
     )
 
 
@@ -157,23 +187,8 @@ def claim(
             row = conn.execute(
                 queue_items.update()
                 .where(queue_items.c.id == item_id)
-                .values(
-                    status=CLAIMED,
-                    claimed_by=worker_id,
-                    lease_until=now + lease_seconds,
-                    claims=queue_items.c.claims + 1,
-                )
-                .returning(
-                    queue_items.c.id,
-                    queue_items.c.kind,
-                    queue_items.c.run_id,
-                    queue_items.c.seq,
-                    queue_items.c.attempt,
-                    queue_items.c.queue,
-                    queue_items.c.pool,
-                    queue_items.c.payload,
-                    queue_items.c.claims,
-                )
+                .values(**_claimed_values(worker_id, now, lease_seconds))
+                .returning(*_CLAIM_COLUMNS)
             ).first()
             if row is not None:
                 return Claim(*row)
@@ -320,31 +335,9 @@ def claim_run(
     with store.engine.begin() as conn:
         row = conn.execute(
             queue_items.update()
-            .where(
-                queue_items.c.dedupe == f"run:{run_id}",
-                queue_items.c.not_before <= now,
-                sa.or_(
-                    queue_items.c.status == QUEUED,
-                    sa.and_(queue_items.c.status == CLAIMED, queue_items.c.lease_until < now),
-                ),
-            )
-            .values(
-                status=CLAIMED,
-                claimed_by=worker_id,
-                lease_until=now + lease_seconds,
-                claims=queue_items.c.claims + 1,
-            )
-            .returning(
-                queue_items.c.id,
-                queue_items.c.kind,
-                queue_items.c.run_id,
-                queue_items.c.seq,
-                queue_items.c.attempt,
-                queue_items.c.queue,
-                queue_items.c.pool,
-                queue_items.c.payload,
-                queue_items.c.claims,
-            )
+            .where(queue_items.c.dedupe == f"run:{run_id}", _due(now))
+            .values(**_claimed_values(worker_id, now, lease_seconds))
+            .returning(*_CLAIM_COLUMNS)
         ).first()
     return Claim(*row) if row is not None else None
 
