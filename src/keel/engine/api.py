@@ -253,6 +253,21 @@ def _owner_alive(row: Any) -> bool:
     return True
 
 
+def _top_level_run(store: MetadataStore, run_id: str, verb: str) -> Any:
+    """The run with that id (or id prefix); child runs are continued through their root."""
+    rid = store.resolve_run_id(run_id)
+    row = store.get_run(rid)
+    assert row is not None
+    if row.parent_id:
+        root = row.parent_id.split(".")[0]
+        raise RunStateError(
+            f"run {rid} is a child of run {row.parent_id}",
+            run_id=rid,
+            hint=f"{verb.capitalize()} its root run: keel {verb} {root}",
+        )
+    return row
+
+
 def resume(
     run_id: str,
     *,
@@ -266,15 +281,8 @@ def resume(
     A succeeded run is left as it is. `force` resumes a run that looks alive elsewhere.
     """
     store = store or (session.store if session else open_store())
-    rid = store.resolve_run_id(run_id)
-    row = store.get_run(rid)
-    assert row is not None
-    if row.parent_id:
-        raise RunStateError(
-            f"run {rid} is a child of run {row.parent_id}",
-            run_id=rid,
-            hint=f"Resume the parent: keel resume {row.parent_id.split('.')[0]}",
-        )
+    row = _top_level_run(store, run_id, "resume")
+    rid = row.id
     if row.status == RunStatus.SUCCEEDED:
         return RunHandle(rid, store)
     if row.status == RunStatus.RUNNING and not force and _owner_alive(row):
@@ -308,15 +316,8 @@ def retry(
     order until the code calls something different, and run fresh from there.
     """
     store = store or (session.store if session else open_store())
-    rid = store.resolve_run_id(run_id)
-    row = store.get_run(rid)
-    assert row is not None
-    if row.parent_id:
-        raise RunStateError(
-            f"run {rid} is a child of run {row.parent_id}",
-            run_id=rid,
-            hint="Retry the parent run",
-        )
+    row = _top_level_run(store, run_id, "retry")
+    rid = row.id
     if row.status not in FINISHED_RUN and _owner_alive(row):
         raise RunStateError(
             f"run {rid} is still running", run_id=rid, hint="Wait for it or cancel it first"
