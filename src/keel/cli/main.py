@@ -12,7 +12,16 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from keel.cli import artifacts, cache, logs, models_cmds, running, runs, tracking_cmds
+from keel.cli import (
+    artifacts,
+    cache,
+    logs,
+    models_cmds,
+    running,
+    runs,
+    tracking_cmds,
+    worker_cmds,
+)
 from keel.cli.common import Settings, report_error
 
 
@@ -132,6 +141,16 @@ models_app.command("alias")(models_cmds.alias)
 models_app.command("history")(models_cmds.history)
 models_app.command("lineage")(models_cmds.lineage)
 app.add_typer(models_app)
+
+app.command("worker")(worker_cmds.worker)
+app.command("signal")(worker_cmds.signal)
+pools_app = _group("pools", "Pools cap how many steps of a kind run at once across workers.")
+pools_app.command("set")(worker_cmds.pools_set)
+pools_app.command("ls")(worker_cmds.pools_ls)
+app.add_typer(pools_app)
+workers_app = _group("workers", "The `keel worker` processes sharing the queues.")
+workers_app.command("ls")(worker_cmds.workers_ls)
+app.add_typer(workers_app)
 
 
 def main() -> None:

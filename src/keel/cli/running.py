@@ -122,12 +122,29 @@ def run(
     max_concurrency: Annotated[
         int | None, typer.Option(min=1, help="At most this many steps at once")
     ] = None,
+    submit: Annotated[
+        bool,
+        typer.Option("--submit", help="Queue the run for `keel worker` processes and return"),
+    ] = False,
+    queue: Annotated[
+        str | None,
+        typer.Option(help="With --submit: the queue (default: the workflow's, else default)"),
+    ] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option(help="With --submit: higher runs first (default: the workflow's priority)"),
+    ] = None,
 ) -> None:
-    """Run a workflow durably, showing progress, then a summary."""
+    """Run a workflow durably, showing progress, then a summary (or queue it: --submit)."""
     raw = parse_params(param or [])
     wf = load_user_workflow(ref)
     params = wf.validator.validate_cli(raw)
     store = open_store(ctx)
+    if submit or queue is not None or priority is not None:
+        from keel.cli.worker_cmds import submit_run
+
+        submit_run(store, wf, params, submit, queue, priority, executor, max_concurrency)
+        raise typer.Exit(EXIT_OK)
     from keel.engine.api import new_session, start_run
 
     session = new_session(
