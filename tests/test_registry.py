@@ -100,6 +100,16 @@ def log_in_step() -> str:
     return fit_and_log()
 
 
+@keel.task(name="reg_log_in_process", executor="processes")
+def fit_and_log_in_process() -> tuple[str, int]:
+    return keel.log_model(fitted(), "clf"), os.getpid()
+
+
+@keel.workflow(name="reg_log_in_process_flow")
+def log_in_process() -> tuple[str, int]:
+    return fit_and_log_in_process()
+
+
 @keel.workflow(name="reg_body_registers")
 def body_registers(n: int = 70) -> int:
     model = train(add_features.submit(load_rows.submit(n)), 0.5)
@@ -190,6 +200,19 @@ def test_register_from_a_log_model_uri_inside_a_step(backend: str) -> None:
     expected = fitted().predict(data)
     assert list(keel.load_model(uri).predict(data)) == list(expected)
     assert list(keel.load_model("models:/from_uri/1").predict(data)) == list(expected)
+
+
+def test_log_model_in_a_worker_process_is_registered_from_its_uri(backend: str) -> None:
+    handle = keel.run(log_in_process)
+    uri, pid = handle.result()
+    assert pid != os.getpid()
+    assert uri == f"runs:/{handle.id}/reg_log_in_process-0/clf"
+    v = keel.register_model("from_worker", uri)
+    assert (v.run_id, v.step_key) == (handle.id, "reg_log_in_process-0")
+    data = frame()[FEATURES]
+    assert list(keel.load_model("models:/from_worker/1").predict(data)) == list(
+        fitted().predict(data)
+    )
 
 
 def test_register_from_a_step_whose_task_returned_the_model(backend: str) -> None:
