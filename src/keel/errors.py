@@ -189,3 +189,8 @@ class ModelNotFoundError(ModelRegistryError):
 
 class SignatureError(KeelError):
     """Data given to a loaded model does not match the model's input signature."""
+
+
+class ScheduleError(DefinitionError):
+    """A schedule, backfill or trigger is defined wrongly (a bad cron expression, an
+    unknown time zone, an end before its start) or names one that does not exist."""
