@@ -673,3 +673,49 @@ def test_steps_never_awaited_still_complete(backend: str) -> None:
     assert run.result() == "done"
     assert run.steps[0].status == "SUCCEEDED"
     assert run.steps[0].output() == 42
+
+
+# -- long chains ------------------------------------------------------------------------------
+
+
+@keel.task(name="eng_fail_late")
+def fail_late(gate: str) -> int:
+    if not _gate(gate).wait(WAIT):
+        raise TimeoutError("gate never opened")
+    raise ValueError("the head of the chain failed")
+
+
+def test_long_chain_succeeds(backend: str) -> None:
+    @keel.workflow(name="eng_long_chain")
+    def wf(n: int) -> int:
+        x = inc.submit(0)
+        for _ in range(n):
+            x = add.submit(x, 1)
+        return x.result()
+
+    run = _run(wf, n=1500)
+    assert run.result() == 1501
+    assert len(run.steps) == 1501
+
+
+@pytest.mark.timeout(15)  # the bug hangs the run; a correct engine needs well under 1 s
+@pytest.mark.xfail(
+    reason="bug: when the head of a long chain of waiting steps fails, _finish -> _skip -> "
+    "_finish recurses once per dependent (engine/run.py); past ~300 steps a RecursionError "
+    "kills the executor thread and the run hangs forever",
+    strict=True,
+)
+def test_failure_at_the_head_of_a_long_waiting_chain() -> None:
+    @keel.workflow(name="eng_long_fail_chain")
+    def wf(n: int) -> int:
+        x = fail_late.submit("chain-head")
+        for _ in range(n):
+            x = add.submit(x, 1)  # all waiting on the head when it fails
+        _gate("chain-head").set()
+        return x.result()
+
+    run = _run(wf, n=1500)
+    assert run.status == "FAILED"
+    assert run.steps[0].status == "FAILED"
+    assert [s.status for s in run.steps[1:]] == ["SKIPPED"] * 1500
+    assert "eng_fail_late-0" in (run.steps[-1].error_message or "")
