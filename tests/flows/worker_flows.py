@@ -88,7 +88,7 @@ def wait_then_sleep(seconds: float) -> Any:
 # -- a long in-process run (resumed by replay on another worker) -------------------------
 @keel.task(name="slow_step")
 def slow_step(i: int, out: str, delay: float) -> int:
-    append_line(out, str(i))
+    append_line(out, f"{i} {os.getpid()}")
     time.sleep(delay)
     return i
 
@@ -102,7 +102,7 @@ def slow_chain(out: str, n: int = 40, delay: float = 0.2) -> int:
 # -- steps sent to the shared queue --------------------------------------------------------
 @keel.task(name="queued_square", queue=STEPS_QUEUE)
 def queued_square(i: int, out: str, delay: float) -> int:
-    append_line(out, str(i))
+    append_line(out, f"{i} {os.getpid()}")  # which process ran it, too
     if delay:
         time.sleep(delay)
     return i * i
