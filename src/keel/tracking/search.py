@@ -368,14 +368,18 @@ def _details(
                 stmt = sa.select(*columns).where(table.c.run_id.in_(chunk))
                 if not include_steps:
                     stmt = stmt.where(table.c.seq == -1)
-                for row in conn.execute(stmt):
+                is_metric = table is latest_metrics
+                for row in conn.execute(stmt).all():
                     key = (row[0], row[1])
                     if key not in wanted:
                         continue
                     value = row[3]
-                    if table is latest_metrics:
-                        value = math.nan if row[4] or value is None else float(value)
-                    out.setdefault(key, {})[row[2]] = value
+                    if is_metric and (row[4] or value is None):
+                        value = math.nan
+                    holder = out.get(key)
+                    if holder is None:
+                        holder = out[key] = {}
+                    holder[row[2]] = value
     return found
 
 
