@@ -27,6 +27,7 @@ from keel.errors import (
     NonDeterminismError,
     ParameterError,
     RunFailedError,
+    ScheduleError,
     SignalTimeoutError,
     StepTimeoutError,
     TrackingError,
@@ -39,6 +40,15 @@ from keel.sdk.futures import StepFuture, gather, wait
 if TYPE_CHECKING:
     from keel.client import Attempt, Client, Run, Step
     from keel.engine.api import RunHandle, cancel, resume, retry, run, signal, submit
+    from keel.scheduler import schedules as schedules_module
+    from keel.scheduler import triggers as triggers_module
+    from keel.scheduler.backfill import Backfill, backfill
+    from keel.scheduler.scheduler import Scheduler
+    from keel.scheduler.triggers import fire_trigger
+    from keel.sdk.schedule import Schedule
+
+    schedules = schedules_module
+    triggers = triggers_module
     from keel.store.serializers import register_serializer
     from keel.tracking import registry as models
     from keel.tracking.active import ActiveRun, active_run, set_experiment, start_run
@@ -85,6 +95,14 @@ __all__ = [
     "submit",
     "signal",
     "RunHandle",
+    # scheduling
+    "Schedule",
+    "schedules",
+    "backfill",
+    "Backfill",
+    "triggers",
+    "fire_trigger",
+    "Scheduler",
     # tracking
     "log_param",
     "log_params",
@@ -123,6 +141,7 @@ __all__ = [
     "StepTimeoutError",
     "SignalTimeoutError",
     "TrackingError",
+    "ScheduleError",
     "Cancelled",
 ]
 
@@ -134,6 +153,13 @@ _LAZY = {
     "submit": "keel.engine.api",
     "signal": "keel.engine.api",
     "RunHandle": "keel.engine.api",
+    "Schedule": "keel.sdk.schedule",
+    "schedules": "keel.scheduler.schedules",
+    "backfill": "keel.scheduler.backfill",
+    "Backfill": "keel.scheduler.backfill",
+    "triggers": "keel.scheduler.triggers",
+    "fire_trigger": "keel.scheduler.triggers",
+    "Scheduler": "keel.scheduler.scheduler",
     "Client": "keel.client",
     "Run": "keel.client",
     "Step": "keel.client",

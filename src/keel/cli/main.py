@@ -19,6 +19,7 @@ from keel.cli import (
     models_cmds,
     running,
     runs,
+    schedule_cmds,
     tracking_cmds,
     worker_cmds,
 )
@@ -151,6 +152,25 @@ app.add_typer(pools_app)
 workers_app = _group("workers", "The `keel worker` processes sharing the queues.")
 workers_app.command("ls")(worker_cmds.workers_ls)
 app.add_typer(workers_app)
+
+schedules_app = _group("schedules", "Run workflows on a cron or an interval.")
+schedules_app.command("add")(schedule_cmds.add)
+schedules_app.command("ls")(schedule_cmds.ls)
+schedules_app.command("show")(schedule_cmds.show)
+schedules_app.command("pause")(schedule_cmds.pause)
+schedules_app.command("resume")(schedule_cmds.resume)
+schedules_app.command("rm")(schedule_cmds.rm)
+schedules_app.command("sync")(schedule_cmds.sync)
+app.add_typer(schedules_app)
+app.command("backfill")(schedule_cmds.backfill)
+triggers_app = _group("triggers", "Start workflows when runs end, aliases move, files arrive.")
+triggers_app.command("add")(schedule_cmds.triggers_add)
+triggers_app.command("ls")(schedule_cmds.triggers_ls)
+triggers_app.command("events")(schedule_cmds.triggers_events)
+triggers_app.command("rm")(schedule_cmds.triggers_rm)
+triggers_app.command("fire")(schedule_cmds.triggers_fire)
+app.add_typer(triggers_app)
+app.command("scheduler")(schedule_cmds.scheduler)
 
 
 def main() -> None:

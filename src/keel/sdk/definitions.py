@@ -13,11 +13,14 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from keel.errors import DefinitionError
 from keel.sdk.context import current_runtime
 from keel.sdk.futures import StepFuture
+
+if TYPE_CHECKING:
+    from keel.sdk.schedule import Schedule
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -184,6 +187,8 @@ class Workflow(Generic[P, R]):
         self.tags = dict(tags)
         self.signature = inspect.signature(fn)
         self._validator: Any = None
+        # Declared with @keel.workflow(schedule=...); registered by schedulers and workers.
+        self.schedule: Schedule | None = None
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -375,6 +380,12 @@ def workflow(
     experiment: str | None = None,
     queue: str = "default",
     priority: int = 0,
+    schedule: str | Schedule | None = None,
+    params: Mapping[str, Any] | None = None,
+    timezone: str | None = None,
+    catchup: str | None = None,
+    overlap: str | None = None,
+    max_active_runs: int | None = None,
 ) -> Callable[[Callable[P, R]], Workflow[P, R]]: ...
 
 
@@ -389,12 +400,22 @@ def workflow(
     experiment: str | None = None,
     queue: str = "default",
     priority: int = 0,
+    schedule: str | Schedule | None = None,
+    params: Mapping[str, Any] | None = None,
+    timezone: str | None = None,
+    catchup: str | None = None,
+    overlap: str | None = None,
+    max_active_runs: int | None = None,
 ) -> Workflow[P, R] | Callable[[Callable[P, R]], Workflow[P, R]]:
     """Mark a function as a workflow. Its parameters (with their type hints) are the
     run's parameters, validated when a run starts. `max_concurrency` caps how many of
     its steps run at once (default: the executor's). Each run is tracked in the
     experiment `experiment` (default: the workflow's name). `queue` and `priority`
-    place runs submitted for workers (`keel run --submit`, `keel.submit`)."""
+    place runs submitted for workers (`keel run --submit`, `keel.submit`).
+
+    `schedule` (a cron expression, or a `keel.Schedule`) runs it by itself, with
+    `params`, `timezone`, `catchup`, `overlap` and `max_active_runs` as in
+    `keel.Schedule` (see docs/scheduling.md)."""
 
     def make(f: Callable[P, R]) -> Workflow[P, R]:
         wf_name = name or f.__name__
@@ -416,6 +437,18 @@ def workflow(
             queue=_check_queue_name(queue, f"workflow {wf_name}") or "default",
             priority=priority,
         )
+        if schedule is not None or params or timezone or catchup or overlap or max_active_runs:
+            from keel.sdk.schedule import declare
+
+            wf.schedule = declare(
+                wf_name,
+                schedule,
+                params=params,
+                timezone=timezone,
+                catchup=catchup,
+                overlap=overlap,
+                max_active_runs=max_active_runs,
+            )
         _workflows[wf_name] = wf
         return wf
 
