@@ -5,11 +5,20 @@
 
 load -> split (train / validation / test) -> one `evaluate` step per configuration,
 fanned out with `map` -> pick the best -> refit it on train + validation (the fitted
-model is the step's output, kept as an artifact) -> accuracy on the held-out test set.
+model is the step's output, kept as an artifact) -> accuracy on the held-out test set
+-> register the model as a new version of `digits` and point the alias `champion` at it.
 
 Every step is recorded in the embedded store under KEEL_HOME (default ~/.keel); no
-server is involved. The steps are pure functions of their inputs and use
-`cache=True`, so running the demo a second time is served from the cache.
+server is involved. Each step is also a nested tracked run: the sweep's steps log
+their configuration as params and their CV and validation accuracy as metrics, so
+the experiment `digits` shows one nested run per configuration. Load the champion
+back anywhere with `keel.load_model("models:/digits@champion")`.
+
+The steps are pure functions of their inputs and use `cache=True`, so running the
+demo a second time is served from the cache. That includes `register`: the same
+model is not registered twice, the second run keeps (and reports) the version the
+first one created. A model that changes (other data, configurations or code) is
+registered as a new version, and `champion` moves to it.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ import keel
 # The cache key covers each task's own source code, but not helpers such as
 # `make_model` below: bump this when they change, so old results are not reused.
 CACHE_VERSION = "1"
+MODEL_NAME = "digits"
+ALIAS = "champion"
 
 Splits = dict[str, np.ndarray]
 
@@ -87,10 +98,18 @@ def split(data: dict[str, np.ndarray], test_size: float, val_size: float, seed: 
 @keel.task(cache=True, cache_version=CACHE_VERSION)
 def evaluate(config: dict[str, Any], splits: Splits, n_folds: int) -> dict[str, Any]:
     """Cross-validate one configuration on the training part, then score it on validation."""
+    keel.log_params({**config, "n_folds": n_folds})  # this step is a nested run
     model = make_model(config)
     folds = cross_val_score(model, splits["X_train"], splits["y_train"], cv=n_folds)
     model.fit(splits["X_train"], splits["y_train"])
     val_accuracy = float(model.score(splits["X_val"], splits["y_val"]))
+    keel.log_metrics(
+        {
+            "cv_accuracy": float(folds.mean()),
+            "cv_accuracy_std": float(folds.std()),
+            "val_accuracy": val_accuracy,
+        }
+    )
     keel.context().logger.info(
         "%s: %d-fold CV %.4f ± %.4f, validation %.4f",
         config,
@@ -124,6 +143,7 @@ def refit(config: dict[str, Any], splits: Splits) -> BaseEstimator:
     x = np.concatenate([splits["X_train"], splits["X_val"]])
     y = np.concatenate([splits["y_train"], splits["y_val"]])
     keel.context().logger.info("refitting %s on %d images", config, len(y))
+    keel.log_params({**config, "train_size": len(y)})
     return model.fit(x, y)
 
 
@@ -132,7 +152,26 @@ def score_test(model: BaseEstimator, splits: Splits) -> float:
     """Accuracy on the held-out test set."""
     accuracy = float(model.score(splits["X_test"], splits["y_test"]))
     keel.context().logger.info("test accuracy %.4f on %d images", accuracy, len(splits["y_test"]))
+    keel.log_metric("test_accuracy", accuracy)
     return accuracy
+
+
+@keel.task(cache=True, cache_version=CACHE_VERSION)
+def register(model: BaseEstimator, model_step: str, test_accuracy: float) -> int:
+    """Register the refitted model (the output of step `model_step`) as a new version of
+    `digits` and point the alias `champion` at it. `model` is an input so that the
+    cache key covers the model's bytes: the same model is registered only once."""
+    ctx = keel.context()
+    step = keel.Client(ctx.db_url).run(ctx.run_id).step(model_step)
+    version = keel.register_model(
+        MODEL_NAME,
+        step,  # the version links to this step, its run, params and metrics (lineage)
+        tags={"test_accuracy": f"{test_accuracy:.4f}"},
+        description=f"{type(model).__name__} chosen by the digits sweep",
+    )
+    keel.models.set_alias(MODEL_NAME, ALIAS, version.version)
+    ctx.logger.info("registered %s version %d as %r", MODEL_NAME, version.version, ALIAS)
+    return version.version
 
 
 @keel.workflow
@@ -147,13 +186,15 @@ def digits(
     scores = evaluate.map(sweep_space(), splits=splits, n_folds=n_folds)
     best = pick_best(scores)  # calling a task waits for its value
     model = refit.submit(best["config"], splits)
+    test_accuracy = score_test(model, splits)
     return {
         "best_config": best["config"],
         "cv_accuracy": best["cv_accuracy"],
         "val_accuracy": best["val_accuracy"],
-        "test_accuracy": score_test(model, splits),
+        "test_accuracy": test_accuracy,
         "configurations": len(scores),
         "model_step": model.key,
+        "model_version": register(model, model.key, test_accuracy),
     }
 
 
@@ -195,11 +236,26 @@ def main() -> int:
         f"model: output of step {model_step.key} "
         f"({model_step.output_type}, {model_step.serializer}, {model_step.output_size} bytes)"
     )
+    reused = run.step("register").status == "CACHED"
+    print(
+        f"registered: {MODEL_NAME} version {result['model_version']}, alias {ALIAS!r}"
+        + (" (the same model as the last run: not registered again)" if reused else "")
+    )
+    # Load the champion back, as any other program would, and check it on the test set.
+    champion = keel.load_model(f"models:/{MODEL_NAME}@{ALIAS}")
+    splits = run.step("split").output()
+    accuracy = float(np.mean(champion.predict(splits["X_test"]) == splits["y_test"]))
+    print(f"champion loaded back: test accuracy {accuracy:.4f}")
+    print()
+    print("Load it anywhere:")
+    print(f'  model = keel.load_model("models:/{MODEL_NAME}@{ALIAS}")')
     print()
     print("Inspect the run:")
     print(f"  keel runs show {run.id}")
     print(f"  keel logs {run.id} pick_best")
     print(f"  keel cache explain {run.id} {model_step.key}")
+    print(f"  keel models show {MODEL_NAME}")
+    print(f"  keel models lineage {MODEL_NAME}/{result['model_version']}")
     print(
         f"  python -c \"import keel; print(keel.Client().run('{run.id}').step('refit').output())\""
     )

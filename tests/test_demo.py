@@ -1,5 +1,6 @@
-"""The README's first command runs examples/digits.py: it must work, and a second run
-must be served from the cache."""
+"""The README's first command runs examples/digits.py: it must work, log the sweep's
+params and metrics on its steps, register the best model as `digits@champion`, and a
+second run must be served from the cache (registering nothing new)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 import keel
@@ -39,6 +41,30 @@ def test_demo_workflow_runs_then_comes_from_cache(demo: ModuleType) -> None:
     model = keel.Client().run(first.id).step(result["model_step"]).output()
     assert hasattr(model, "predict")
 
+    # Each sweep step is a nested run with the configuration and its scores.
+    for step in sweep:
+        data, output = step.data, step.output()
+        assert data.params["model"] == output["config"]["model"]
+        assert data.params["C"] == str(output["config"]["C"])
+        assert data.params["n_folds"] == "5"
+        assert data.metrics["val_accuracy"] == pytest.approx(output["val_accuracy"])
+        assert data.metrics["cv_accuracy"] == pytest.approx(output["cv_accuracy"])
+        assert 0 <= data.metrics["cv_accuracy_std"] < 0.1
+    run = keel.Client().run(first.id)
+    assert run.step("score_test").data.metrics["test_accuracy"] == result["test_accuracy"]
+
+    # The refitted model is registered from its step, and `champion` points at it.
+    assert result["model_version"] == 1
+    champion = keel.models.get_version("digits", "champion")
+    assert champion.version == 1
+    assert (champion.run_id, champion.step_key) == (first.id, result["model_step"])
+    assert champion.tags["test_accuracy"] == f"{result['test_accuracy']:.4f}"
+    splits = run.step("split").output()
+    loaded = keel.load_model("models:/digits@champion")
+    accuracy = float(np.mean(loaded.predict(splits["X_test"]) == splits["y_test"]))
+    assert accuracy == pytest.approx(result["test_accuracy"])
+    assert accuracy > 0.9
+
     second = keel.run(demo.digits)
     assert second.status == "SUCCEEDED"
     assert second.id != first.id
@@ -47,6 +73,24 @@ def test_demo_workflow_runs_then_comes_from_cache(demo: ModuleType) -> None:
     assert [s.key for s in again] == [s.key for s in steps]
     assert all(s.status == "CACHED" for s in again)
     assert all(s.cached_from and s.cached_from.startswith(first.id) for s in again)
+    # The same model is not registered twice: the cached `register` step keeps version 1.
+    assert [v.version for v in keel.models.list_versions("digits")] == [1]
+    assert keel.models.get_version("digits", "champion").version == 1
+
+
+def test_demo_registers_a_changed_model_as_a_new_version(
+    demo: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configs = demo.sweep_space()[-2:]  # a short sweep: two logistic regressions
+    monkeypatch.setattr(demo, "sweep_space", lambda: configs)
+    first = keel.run(demo.digits, n_folds=2)
+    assert first.result()["model_version"] == 1
+    # Another split trains another model: a new version, and `champion` moves to it.
+    second = keel.run(demo.digits, seed=1, n_folds=2)
+    assert second.result()["model_version"] == 2
+    champion = keel.models.get_version("digits", "champion")
+    assert (champion.version, champion.run_id) == (2, second.id)
+    assert [e.action for e in keel.models.history("digits")].count("set_alias") == 2
 
 
 def test_demo_script_prints_run_id(keel_home: Path) -> None:
@@ -65,3 +109,6 @@ def test_demo_script_prints_run_id(keel_home: Path) -> None:
     assert f"run {runs[0].id}: SUCCEEDED" in proc.stdout
     assert f"keel runs show {runs[0].id}" in proc.stdout
     assert "test accuracy: 0.9" in proc.stdout
+    assert "registered: digits version 1, alias 'champion'" in proc.stdout
+    assert "champion loaded back: test accuracy 0.9" in proc.stdout
+    assert 'keel.load_model("models:/digits@champion")' in proc.stdout
