@@ -17,7 +17,12 @@ import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.datasets import load_diabetes, load_iris
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import GridSearchCV, RandomizedSearchCV, cross_val_score
+from sklearn.model_selection import (
+    GridSearchCV,
+    RandomizedSearchCV,
+    cross_val_predict,
+    cross_val_score,
+)
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
@@ -134,6 +139,28 @@ def test_max_tuning_runs_keeps_the_best_candidates(backend: str) -> None:
     assert [c.run_name for c in candidates] == [f"GridSearchCV-candidate-{i}" for i in sorted(kept)]
 
 
+@keel.task(executor="processes")
+def fit_in_a_worker() -> int:
+    # Autolog patches classes in its own process: a worker process enables it itself.
+    keel.autolog(frameworks=["sklearn"], log_models=False)
+    LogisticRegression(C=0.75, max_iter=1000).fit(X, Y)
+    return os.getpid()
+
+
+@keel.workflow
+def in_a_worker() -> int:
+    return fit_in_a_worker()
+
+
+def test_autolog_in_a_process_executor_step(backend: str) -> None:
+    handle = keel.run(in_a_worker)
+    assert handle.status == "SUCCEEDED", handle.error_message
+    assert handle.result() != os.getpid()
+    data = keel.Client().run(handle.id).step("fit_in_a_worker").data
+    assert data.params["C"] == "0.75"
+    assert "training_accuracy" in data.metrics
+
+
 # -- scikit-learn with start_run --------------------------------------------------------
 
 
@@ -172,9 +199,10 @@ def test_cross_validation_fits_are_not_records(backend: str) -> None:
     keel.autolog(frameworks=["sklearn"])
     with keel.start_run() as active:
         folds = cross_val_score(SVC(C=3.0), X, Y, cv=4)
+        predicted = cross_val_predict(SVC(C=3.0), X, Y, cv=3)
         SVC(C=3.0).fit(X, Y)
     run = keel.Client().run(active.id)
-    assert len(folds) == 4
+    assert len(folds) == 4 and len(predicted) == len(Y)
     assert nested_runs(run) == []
     assert run.data.params["C"] == "3.0"
     assert "training_log_loss" not in run.data.metrics  # SVC has no predict_proba here
