@@ -207,6 +207,104 @@ def test_wait_first_completed(backend: str) -> None:
     assert _run(wf).result() == [1, 1, 1, 2]
 
 
+def test_workflow_may_return_futures(backend: str) -> None:
+    @keel.workflow(name="eng_returns_futures")
+    def wf() -> Any:
+        one = inc.submit(1)
+        return {"one": one, "many": inc.map([10, 20]), "pair": (one, 5)}
+
+    assert _run(wf).result() == {"one": 2, "many": [11, 21], "pair": (2, 5)}
+
+
+def test_empty_map_and_gather(backend: str) -> None:
+    @keel.workflow(name="eng_empty")
+    def wf() -> list[Any]:
+        nothing = inc.map([])
+        done, not_done = keel.wait(nothing)
+        return [nothing, keel.gather(nothing), done, not_done]
+
+    run = _run(wf)
+    assert run.result() == [[], [], [], []]
+    assert run.steps == []
+
+
+def test_gather_raises_the_first_error_in_order(backend: str) -> None:
+    @keel.workflow(name="eng_gather_error")
+    def wf() -> str:
+        futures = [inc.submit(1), fail.submit(2), fail.submit(3)]
+        try:
+            keel.gather(futures)
+        except ValueError as exc:
+            # Every failure the body does not look at fails the run; look at the last.
+            return f"{exc}; then {futures[2].exception()}"
+        return "no error"
+
+    assert _run(wf).result() == "bad input 2; then bad input 3"
+
+
+def test_wait_with_a_timeout_returns_what_is_done(backend: str) -> None:
+    @keel.workflow(name="eng_wait_timeout")
+    def wf() -> list[int]:
+        slow = wait_gate.submit("wt", 1)
+        fast = inc.submit(1)
+        fast.result()
+        done, not_done = keel.wait([slow, fast], timeout=0.05)
+        counts = [len(done), len(not_done)]
+        _gate("wt").set()
+        return [*counts, slow.result()]
+
+    assert _run(wf).result() == [1, 1, 1]
+
+
+@keel.task(name="eng_calls_a_task")
+def calls_a_task(x: int) -> int:
+    # Inside a step, calling another task is a plain call, not a step of its own.
+    return inc(x) + add(x, x)
+
+
+def test_task_called_inside_a_step_is_a_plain_call(backend: str) -> None:
+    @keel.workflow(name="eng_nested_call")
+    def wf() -> int:
+        return calls_a_task(3)
+
+    run = _run(wf)
+    assert run.result() == 4 + 6
+    assert [s.key for s in run.steps] == ["eng_calls_a_task-0"]
+
+
+def test_concurrent_runs_in_one_process(backend: str) -> None:
+    @keel.workflow(name="eng_concurrent_a")
+    def wf_a(n: int) -> int:
+        return total(scale.map(range(n), factor=2))
+
+    @keel.workflow(name="eng_concurrent_b")
+    def wf_b(n: int) -> int:
+        x = 0
+        for _ in range(n):
+            x = inc(x)
+        return x
+
+    results: dict[str, Any] = {}
+
+    def start(name: str, wf: keel.Workflow[..., Any], n: int) -> None:
+        results[name] = keel.run(wf, n=n)
+
+    threads = [
+        threading.Thread(target=start, args=(f"{kind}{i}", wf, 30))
+        for i in range(3)
+        for kind, wf in (("a", wf_a), ("b", wf_b))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert sorted(results) == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    for name, handle in results.items():
+        assert handle.result() == (sum(range(30)) * 2 if name.startswith("a") else 30)
+        assert len(keel.Client().run(handle.id).steps) == 31 if name.startswith("a") else 30
+    assert len({h.id for h in results.values()}) == 6
+
+
 # -- dynamic graphs ----------------------------------------------------------------------
 
 
