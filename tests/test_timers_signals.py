@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+import keel
 from flows import worker_flows as flows
 from flows.worker_support import (
     InThread,
@@ -33,8 +35,6 @@ from flows.worker_support import (
     store,
     wait_until,
 )
-
-import keel
 from keel.engine.waits import SUSPEND_AFTER
 from keel.errors import RunNotFoundError, RunStateError
 from keel.scheduler.worker import Worker
@@ -182,9 +182,11 @@ def test_replay_does_not_sleep_again_for_time_already_slept(backend: str, tmp_pa
     try:
         wait_until(
             "the replayed run to park again",
-            lambda: run_queue_row(run_id).claims > first_claims
-            and run_queue_row(run_id).status == "queued"
-            and run_row(run_id).status == "PENDING",
+            lambda: (
+                run_queue_row(run_id).claims > first_claims
+                and run_queue_row(run_id).status == "queued"
+                and run_row(run_id).status == "PENDING"
+            ),
         )
         assert run_row(run_id).wake_at == pytest.approx(wake_at, abs=1e-6)
         assert run_queue_row(run_id).not_before == pytest.approx(wake_at, abs=1e-6)
@@ -270,9 +272,11 @@ def test_two_waits_one_signal_before_one_after(backend: str) -> None:
     keel.signal(run_id, "value", "a")
     wait_until(
         "the second wait to park the run",
-        lambda: "signal:value-1" in steps_by_key(run_id)
-        and run_row(run_id).status == "PENDING"
-        and run_queue_row(run_id).status == "queued",
+        lambda: (
+            "signal:value-1" in steps_by_key(run_id)
+            and run_row(run_id).status == "PENDING"
+            and run_queue_row(run_id).status == "queued"
+        ),
     )
     keel.signal(run_id, "value", "b")
     assert running.join().result() == ["a", "b"]
@@ -351,6 +355,4 @@ def test_keel_signal_command(backend: str, tmp_path: Path) -> None:
     finally:
         worker.stop()
     assert handle.result() == {"approved": True}
-    assert_clean_error(
-        keel_cli("signal", handle.id, "approve"), 1, f"run {handle.id} is SUCCEEDED"
-    )
+    assert_clean_error(keel_cli("signal", handle.id, "approve"), 1, f"run {handle.id} is SUCCEEDED")

@@ -78,7 +78,9 @@ class Proc:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"{self.label} did not exit {timeout:.0f} s after SIGTERM:\n{self.report()}")
+            pytest.fail(
+                f"{self.label} did not exit {timeout:.0f} s after SIGTERM:\n{self.report()}"
+            )
 
 
 class WorkerProcess(Proc):
