@@ -1,0 +1,239 @@
+"""Tasks and workflows for tests/test_ray.py.
+
+They live in an importable module (not in the test file) because Ray workers import
+a step's function by its module name: the test cluster puts tests/ on PYTHONPATH.
+Steps that count their executions append one line per execution to a side-effect
+file (one `write` in append mode, so concurrent writers never interleave).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+import keel
+
+
+def append_line(path: str, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"{text}\n")
+        fh.flush()
+
+
+def node_id() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+# -- the same workflow on threads and on Ray ----------------------------------------------
+
+
+@keel.task(name="ray_square")
+def square(x: int) -> int:
+    return x * x
+
+
+@keel.task(name="ray_combine")
+def combine(xs: list[int], label: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"label": label, "sum": sum(xs), "extra": extra, "pairs": [(x, -x) for x in xs]}
+
+
+@keel.task(name="ray_fail")
+def fail(x: int) -> int:
+    raise ValueError(f"bad {x}")
+
+
+@keel.task(name="ray_talk")
+def talk(word: str) -> dict[str, Any]:
+    ctx = keel.context()
+    print(f"printed by {ctx.step_key}: {word}")
+    print("to stderr", file=sys.stderr)
+    ctx.logger.warning("logged by %s", ctx.step_key)
+    return {"key": ctx.step_key, "attempt": ctx.attempt, "pid": os.getpid()}
+
+
+@keel.workflow(name="ray_mixed")
+def mixed(n: int) -> dict[str, Any]:
+    squares = square.map(range(n))
+    summary = combine(squares, label="squares", extra={"n": n, "nested": [1, [2, 3]]})
+    try:
+        fail(n)
+    except ValueError as exc:
+        caught = f"{type(exc).__name__}: {exc}"
+    # A future nested in a container and a future passed by keyword.
+    nested = combine.submit([squares[0], squares[-1]], label="ends", extra={"last": squares[-1]})
+    return {
+        "summary": summary,
+        "nested": nested.result(),
+        "caught": caught,
+        "talk": talk("hello"),
+        "last": square(squares[-1]),
+    }
+
+
+# -- placement ----------------------------------------------------------------------------
+
+
+@keel.task(name="ray_where_stable", resources={"cpus": 1, "stable": 1})
+def where_stable() -> str:
+    return node_id()
+
+
+@keel.task(name="ray_where_head", resources={"cpus": 0.5, "memory": 64 * 1024 * 1024, "head": 1})
+def where_head() -> str:
+    return node_id()
+
+
+@keel.task(
+    name="ray_env",
+    executor_options={"runtime_env": {"env_vars": {"KEEL_RAY_TEST_VAR": "from runtime_env"}}},
+)
+def env_var() -> str | None:
+    return os.environ.get("KEEL_RAY_TEST_VAR")
+
+
+@keel.workflow(name="ray_placement")
+def placement() -> dict[str, Any]:
+    stable = [where_stable.submit() for _ in range(3)]
+    head = [where_head.submit() for _ in range(3)]
+    return {
+        "stable": keel.gather(*stable),
+        "head": keel.gather(*head),
+        "env": env_var(),
+    }
+
+
+@keel.task(name="ray_bad_option", executor_options={"no_such_option": 1})
+def bad_option() -> int:
+    return 1
+
+
+@keel.workflow(name="ray_bad_options")
+def bad_options() -> int:
+    return bad_option()
+
+
+# -- a large array passed by reference ----------------------------------------------------
+
+
+@keel.task(name="ray_big_make", resources={"stable": 1})
+def big_make(mb: int) -> np.ndarray:
+    return np.arange(mb * 1024 * 1024 // 8, dtype=np.float64)
+
+
+@keel.task(name="ray_big_use", resources={"head": 1})
+def big_use(arr: np.ndarray) -> dict[str, Any]:
+    # An array that Ray hands over zero-copy is a read-only view of its object store;
+    # one read back from keel's artifact store would be an ordinary writeable array.
+    return {
+        "sum": float(arr.sum()),
+        "nbytes": int(arr.nbytes),
+        "writeable": bool(arr.flags.writeable),
+        "node": node_id(),
+    }
+
+
+@keel.task(name="ray_big_plus_one", resources={"head": 1})
+def big_plus_one(arr: np.ndarray) -> np.ndarray:
+    return arr + 1.0
+
+
+@keel.workflow(name="ray_big")
+def big(mb: int) -> dict[str, Any]:
+    made = big_make.submit(mb)
+    keel.wait([made])
+    handle = type(made.handle).__name__
+    used = big_use.submit(made)
+    bumped = big_plus_one.submit(made)
+    used_again = big_use.submit(bumped)
+    return {
+        "handle": handle,
+        "used": used.result(),
+        "used_again": used_again.result(),
+    }
+
+
+# -- failures -----------------------------------------------------------------------------
+
+
+@keel.task(name="ray_exit_once", retries=1, retry_delay=0.1)
+def exit_once(out: str) -> str:
+    ctx = keel.context()
+    append_line(out, f"{ctx.step_key} {ctx.attempt}")
+    if ctx.attempt == 1:
+        os._exit(3)  # the worker process dies, as on a crash
+    return f"survived on attempt {ctx.attempt}"
+
+
+@keel.workflow(name="ray_worker_dies")
+def worker_dies(out: str) -> str:
+    return exit_once(out)
+
+
+@keel.task(name="ray_sleepy", timeout=1.0)
+def sleepy(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke up"
+
+
+@keel.task(name="ray_stubborn", timeout=1.0)
+def stubborn(seconds: float) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.1)
+        except BaseException:  # swallows even keel's stop signal: must be killed
+            pass
+    return "woke up"
+
+
+@keel.workflow(name="ray_timeouts")
+def timeouts(which: str, seconds: float) -> str:
+    return (sleepy if which == "sleepy" else stubborn)(seconds)
+
+
+# -- a node dies mid-run --------------------------------------------------------------------
+
+
+@keel.task(name="ray_chunk", resources={"victim": 1})
+def chunk(i: int, out: str) -> dict[str, Any]:
+    ctx = keel.context()
+    append_line(out, f"{ctx.step_key} {ctx.attempt} {node_id()}")
+    # Big enough (> Ray's 100 KiB inline limit) to live in the node's object store.
+    return {"i": i, "data": np.full(64 * 1024, float(i)), "node": node_id()}
+
+
+@keel.task(name="ray_slow", resources={"pool": 1}, retries=2, retry_delay=0.2)
+def slow(i: int, out: str, seconds: float) -> dict[str, Any]:
+    ctx = keel.context()
+    append_line(out, f"{ctx.step_key} {ctx.attempt} {node_id()}")
+    time.sleep(seconds)
+    return {"i": i, "node": node_id(), "attempt": ctx.attempt}
+
+
+@keel.task(name="ray_total", resources={"head": 1})
+def total(chunks: list[dict[str, Any]], slows: list[dict[str, Any]], out: str) -> dict[str, Any]:
+    ctx = keel.context()
+    append_line(out, f"{ctx.step_key} {ctx.attempt} {node_id()}")
+    return {
+        "chunks": sum(float(c["data"].sum()) for c in chunks),
+        "slows": sorted(s["i"] for s in slows),
+    }
+
+
+@keel.workflow(name="ray_node_dies")
+def node_dies(out: str, n_slow: int, seconds: float) -> dict[str, Any]:
+    chunks = chunk.map(range(2), out=out)
+    keel.wait(chunks)  # the chunks live on the victim node from now on
+    slows = slow.map(range(n_slow), out=out, seconds=seconds)
+    result = total(chunks, slows, out=out)
+    return {
+        **result,
+        "chunk_nodes": [c.result()["node"] for c in chunks],
+        "slow_nodes": [s.result()["node"] for s in slows],
+    }
