@@ -93,9 +93,11 @@ def test_every_workflow_run_is_tracked_in_an_experiment(backend: str) -> None:
     assert second.experiment_id == third.experiment_id == experiments["trk-experiment"]
     assert first.kind == second.kind == "workflow"
     assert second.run_name == "trk_named"
-    # the parameters the run was given (as text; defaults are not logged, as in run.params)
-    assert second.data.params == {"x": "3", "options": "{'k': [1, 2]}"}
-    assert third.data.params == {"x": "4"} == {k: str(v) for k, v in third.params.items()}
+    # the run's parameters (those recorded with the run), as text
+    assert second.data.params == {k: str(v) for k, v in second.params.items()}
+    assert third.data.params == {k: str(v) for k, v in third.params.items()}
+    assert second.data.params["x"] == "3" and third.data.params["x"] == "4"
+    assert second.data.params["options"] == "{'k': [1, 2]}"
     assert second.user and second.user == third.user
 
 
