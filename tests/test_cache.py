@@ -290,3 +290,29 @@ def test_clear_cache_makes_it_miss(backend: str, out: Path) -> None:
     assert _run(x=3, path=str(out)).step("cache_square-0").status == "SUCCEEDED"
     # Clearing the cache never touches recorded runs.
     assert all(r.status == "SUCCEEDED" for r in keel.Client().runs())
+
+
+@keel.task(name="cache_sum_all", cache=True)
+def sum_all(xs: list[int], path: str) -> int:
+    _append(path, f"sum_all {xs}")
+    return sum(xs)
+
+
+@keel.workflow(name="cache_list_of_futures")
+def list_of_futures(values: list[int], path: str) -> int:
+    return sum_all([parity.submit(v, path) for v in values], path)
+
+
+def test_lists_of_futures_hash_by_content(backend: str, out: Path) -> None:
+    first = keel.run(list_of_futures, values=[1, 2, 3], path=str(out))
+    second = keel.run(list_of_futures, values=[5, 4, 7], path=str(out))  # same parities
+    third = keel.run(list_of_futures, values=[2, 2, 3], path=str(out))  # different
+    assert first.result() == second.result() == 2
+    assert third.result() == 1
+    assert [line for line in _lines(out) if line.startswith("sum_all")] == [
+        "sum_all [1, 0, 1]",
+        "sum_all [0, 0, 1]",
+    ]
+    hit = keel.Client().run(second.id).step("cache_sum_all-3")
+    assert hit.status == "CACHED"
+    assert hit.cached_from == f"{first.id}/cache_sum_all-3"

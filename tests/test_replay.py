@@ -372,3 +372,92 @@ def test_retry_reuses_the_succeeded_steps_of_a_failed_child(backend: str) -> Non
     assert kid_run.step("replay_a-0").cached_from == f"{old.id}.1/replay_a-0"
     assert keel.Client().run(old.id).status == "FAILED"
     assert keel.Client().run(f"{old.id}.1").status == "FAILED"
+
+
+# -- a step in flight at the crash ---------------------------------------------------------
+
+_attempts_seen: list[tuple[str, int, str | None]] = []
+
+
+@keel.task(name="replay_ctx")
+def ctx_step(x: int) -> int:
+    ctx = keel.context()
+    with _lock:
+        _attempts_seen.append((ctx.run_id, ctx.attempt, ctx.idempotency_key))
+    return x + 10
+
+
+@keel.workflow(name="replay_in_flight")
+def in_flight(x: int) -> int:
+    return step_b(ctx_step(step_a(x)))
+
+
+def test_step_in_flight_at_a_crash_runs_again_with_the_same_idempotency_key(
+    backend: str,
+) -> None:
+    _attempts_seen.clear()
+    handle = keel.run(in_flight, x=1)
+    assert handle.result() == 24
+    # What the store holds when the process dies during step 1: it was started
+    # (RUNNING, attempt 1) and nothing after it was recorded.
+    store = open_store()
+    with store.engine.begin() as conn:
+        conn.execute(
+            steps_table.update()
+            .where(steps_table.c.run_id == handle.id, steps_table.c.seq == 1)
+            .values(
+                status="RUNNING",
+                ended_at=None,
+                output_serializer=None,
+                output_inline=None,
+                output_ref=None,
+                output_hash=None,
+                output_type=None,
+                output_size=None,
+            )
+        )
+        conn.execute(
+            steps_table.delete().where(steps_table.c.run_id == handle.id, steps_table.c.seq >= 2)
+        )
+    store.update_run(handle.id, status="RUNNING", ended_at=None)
+
+    assert keel.resume(handle.id).result() == 24
+    (first_run, first, first_key), (again_run, again, again_key) = _attempts_seen
+    assert first_run == again_run == handle.id
+    assert (first, again) == (1, 2)  # at-least-once: a new attempt, numbered on
+    assert first_key is not None and again_key == first_key
+    assert _calls == Counter({"a1": 1, "b12": 2})
+    step = keel.Client().run(handle.id).step("replay_ctx-1")
+    assert step.status == "SUCCEEDED"
+    assert [a.number for a in step.attempts] == [1, 2]
+
+
+# -- resume on the processes executor -----------------------------------------------------------
+
+
+@keel.task(name="replay_proc_step")
+def proc_step(i: int, out: str, broken_marker: str) -> int:
+    import os
+
+    with open(out, "a", encoding="utf-8") as fh:
+        fh.write(f"{i}\n")
+    if i == 3 and os.path.exists(broken_marker):
+        raise RuntimeError("step 3 is broken")
+    return i * i
+
+
+@keel.workflow(name="replay_proc", executor="processes")
+def proc_flow(out: str, broken_marker: str) -> int:
+    return sum(keel.gather(proc_step.map(range(5), out=out, broken_marker=broken_marker)))
+
+
+def test_resume_on_the_processes_executor(backend: str, tmp_path: Any) -> None:
+    out = tmp_path / "ran.txt"
+    marker = tmp_path / "broken"
+    marker.touch()
+    handle = keel.run(proc_flow, out=str(out), broken_marker=str(marker))
+    assert handle.status == "FAILED"
+    assert sorted(out.read_text().split()) == ["0", "1", "2", "3", "4"]
+    marker.unlink()
+    assert keel.resume(handle.id).result() == sum(i * i for i in range(5))
+    assert sorted(out.read_text().split()) == ["0", "1", "2", "3", "3", "4"]
