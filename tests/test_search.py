@@ -117,7 +117,14 @@ def ids(filter: str = "", **kwargs: Any) -> list[str]:
 
 
 def newest_first(trials: list[Trial], keep: Callable[[Trial], bool]) -> list[str]:
-    return [t.id for t in sorted(trials, key=lambda t: t.start, reverse=True) if keep(t)]
+    """The default order: by recorded start time, newest first, then by id (descending)."""
+    return [t.id for t in sorted(trials, key=lambda t: (t.start, t.id), reverse=True) if keep(t)]
+
+
+def oldest_first(trials: list[Trial]) -> list[str]:
+    """`attributes.start_time ASC`: ties (the same start time) keep the id descending."""
+    by_id = sorted(trials, key=lambda t: t.id, reverse=True)
+    return [t.id for t in sorted(by_id, key=lambda t: t.start)]
 
 
 def in_sweep(trials: list[Trial]) -> list[Trial]:
@@ -235,15 +242,16 @@ def test_filter_on_run_id_and_start_time(sweep: list[Trial]) -> None:
     later = newest_first(trials, lambda t: t.start > pivot.start)
     assert ids(f"attributes.start_time > {pivot.start!r}") == later
     assert ids(f"attributes.start_time >= {pivot.start!r}") == [*later, pivot.id]
-    assert ids(f"attributes.user = '{getpass.getuser()}'") == [t.id for t in reversed(trials)]
-    assert ids("attributes.user_id != 'somebody else'") == [t.id for t in reversed(trials)]
+    everyone = newest_first(trials, lambda t: True)
+    assert ids(f"attributes.user = '{getpass.getuser()}'") == everyone
+    assert ids("attributes.user_id != 'somebody else'") == everyone
 
 
 # -- ordering, limits, output -----------------------------------------------------------------
 
 
 def _ordered(trials: list[Trial], key: Callable[[Trial], Any], reverse: bool) -> list[str]:
-    ties = sorted(trials, key=lambda t: t.start, reverse=True)  # ties: newest first
+    ties = sorted(trials, key=lambda t: (t.start, t.id), reverse=True)  # ties: newest first
     return [t.id for t in sorted(ties, key=key, reverse=reverse)]
 
 
@@ -254,8 +262,8 @@ def test_order_by(sweep: list[Trial]) -> None:
     )
     assert ids(order_by=["metrics.loss"]) == _ordered(trials, lambda t: t.metrics["loss"], False)
     assert ids(order_by=["metrics.loss asc"]) == ids(order_by=["metrics.loss"])
-    assert ids(order_by=["attributes.start_time ASC"]) == [t.id for t in trials]
-    assert ids(order_by=["attributes.start_time DESC"]) == [t.id for t in reversed(trials)]
+    assert ids(order_by=["attributes.start_time ASC"]) == oldest_first(trials)
+    assert ids(order_by=["attributes.start_time DESC"]) == newest_first(trials, lambda t: True)
     # several keys: model (text), then accuracy descending within a model
     assert ids(order_by=["params.model", "metrics.accuracy DESC"]) == _ordered(
         trials, lambda t: (t.params["model"], -t.metrics["accuracy"]), False
@@ -283,8 +291,8 @@ def test_order_by(sweep: list[Trial]) -> None:
 
 def test_max_results_and_list_records(sweep: list[Trial]) -> None:
     trials = in_sweep(sweep)
-    assert ids(max_results=1) == [trials[-1].id]
-    assert ids(max_results=10) == [t.id for t in reversed(trials)][:10]
+    assert ids(max_results=1) == newest_first(trials, lambda t: True)[:1]
+    assert ids(max_results=10) == newest_first(trials, lambda t: True)[:10]
     assert len(ids(max_results=10_000)) == N
     seventh = keel.search_runs(
         "sweep", filter="attributes.run_name = 'trial-07'", output_format="list"
@@ -309,7 +317,7 @@ def test_max_results_and_list_records(sweep: list[Trial]) -> None:
 
 
 def test_dataframe_output(sweep: list[Trial]) -> None:
-    frame = keel.search_runs("sweep", order_by=["attributes.start_time"])
+    frame = keel.search_runs("sweep", order_by=["metrics.accuracy"])  # in sweep order
     assert isinstance(frame, pd.DataFrame)
     assert list(frame.columns) == [
         "run_id",
@@ -391,7 +399,8 @@ def test_nan_and_infinite_metrics_in_filters(backend: str) -> None:
     assert names("metrics.m > 1e300") == ["inf"]
     assert names("metrics.m < 0") == ["minf"]
     assert names("metrics.m >= -1e300 and metrics.m <= 1e300") == ["one"]
-    assert names("metrics.m != 1") == ["minf", "inf", "nan"]  # NaN differs from every number
+    by_name = ["attributes.run_name"]
+    assert names("metrics.m != 1", by_name) == ["inf", "minf", "nan"]  # NaN differs from all
     assert names("metrics.m = 1") == ["one"]
     assert names("", order_by=["metrics.m DESC"]) == ["inf", "one", "minf", "nan"]
     value = keel.search_runs("odd", filter="attributes.run_name = 'nan'")["metrics.m"][0]
