@@ -281,3 +281,53 @@ def test_locally_defined_task_runs_in_a_process(backend: str) -> None:
         return [value, int(where != os.getpid())]
 
     assert keel.run(wf).result() == [8, 1]
+
+
+# -- cancellation on processes -------------------------------------------------------------
+
+
+@keel.task(name="exe_cancellable")
+def cancellable(i: int, folder: str) -> int:
+    import time
+
+    _append(f"{folder}/ran.txt", str(i))
+    if i == 0 and not os.path.exists(f"{folder}/release"):
+        Path(f"{folder}/started").touch()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(f"{folder}/release") and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return i * 10
+
+
+@keel.workflow(name="exe_cancel_wf", executor="processes", max_concurrency=1)
+def cancel_wf(n: int, folder: str) -> list[int]:
+    first = cancellable.submit(0, folder)
+    rest = [cancellable.submit(i, folder) for i in range(1, n)]
+    keel.wait(rest, timeout=60)  # cancellation ends the queued steps
+    Path(f"{folder}/release").touch()
+    return keel.gather(first, rest)
+
+
+def test_cancel_a_run_on_processes_then_resume(backend: str, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    outcome: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: outcome.setdefault("handle", keel.run(cancel_wf, n=4, folder=str(tmp_path)))
+    )
+    runner.start()
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (running,) = keel.Client().runs(workflow="exe_cancel_wf")
+    keel.cancel(running.id)
+    runner.join(60)
+    assert not runner.is_alive()
+    run = keel.Client().run(running.id)
+    assert run.status == "CANCELLED"
+    assert (tmp_path / "ran.txt").read_text().split() == ["0"]
+    assert [(s.key, s.status) for s in run.steps] == [("exe_cancellable-0", "SUCCEEDED")]
+
+    assert keel.resume(running.id).result() == [0, 10, 20, 30]
+    assert sorted((tmp_path / "ran.txt").read_text().split()) == ["0", "1", "2", "3"]
