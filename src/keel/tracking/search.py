@@ -295,9 +295,7 @@ def _check_args(max_results: Any, output_format: Any, order_by: Any) -> None:
         raise TrackingError(f"max_results must be a whole number >= 1, got {max_results!r}")
     if output_format not in ("pandas", "list"):
         raise TrackingError(f"output_format must be 'pandas' or 'list', got {output_format!r}")
-    if order_by is not None and (
-        isinstance(order_by, str) or not isinstance(order_by, list | tuple)
-    ):
+    if order_by is not None and not isinstance(order_by, list | tuple):
         raise TrackingError(
             f"order_by must be a list of strings, got {order_by!r}",
             hint="e.g. order_by=['metrics.accuracy DESC']",
@@ -353,7 +351,7 @@ def build_query(
 
 def _details(
     store: MetadataStore, keys: list[tuple[str, int]], include_steps: bool
-) -> tuple[dict[tuple[str, int], dict[str, str]], ...]:
+) -> tuple[dict[tuple[str, int], dict[str, Any]], ...]:
     """Params, latest metrics and tags of the given (run_id, seq) rows."""
     wanted = set(keys)
     run_ids = sorted({run_id for run_id, _ in keys})
