@@ -54,7 +54,7 @@ def test_run_fields(backend: str) -> None:
     assert run.id == handle.id
     assert run.workflow == "client_ok"
     assert run.status == "SUCCEEDED"
-    assert run.params == {"n": 3}
+    assert run.params == {"n": 3, "label": "L"}  # defaults are recorded too
     assert run.tags == {"team": "ml", "stage": "dev"}
     assert isinstance(run.started_at, dt.datetime) and run.started_at.tzinfo is not None
     assert isinstance(run.ended_at, dt.datetime)

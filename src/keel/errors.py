@@ -127,6 +127,8 @@ class StepFailedError(KeelError):
 class UpstreamFailedError(KeelError):
     """The step was skipped because a step it depends on failed."""
 
+    root_error: BaseException | None = None  # the error of the step that really failed
+
 
 class StepTimeoutError(KeelError):
     """An attempt ran longer than the task's `timeout`."""

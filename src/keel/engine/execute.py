@@ -18,7 +18,14 @@ from typing import Any
 
 from keel.engine.run import RunState, _find_futures
 from keel.engine.session import Session
-from keel.errors import Cancelled, KeelError, SerializationError, Suspended, qualified_name
+from keel.errors import (
+    Cancelled,
+    KeelError,
+    SerializationError,
+    Suspended,
+    UpstreamFailedError,
+    qualified_name,
+)
 from keel.sdk.context import set_runtime
 from keel.sdk.definitions import Workflow
 from keel.sdk.futures import StepFuture
@@ -218,10 +225,19 @@ def _end_fields(
             result_type=stored.type_name,
         )
     if error is not None and status is RunStatus.FAILED:
+        text = "".join(traceback.format_exception(error))
+        root = error.root_error if isinstance(error, UpstreamFailedError) else None
+        if root is not None:
+            # The body re-raised a skip: show where the failing step really failed.
+            text = (
+                "".join(traceback.format_exception(root))
+                + "\nThe failure above made a step the workflow waited for be skipped:\n\n"
+                + text
+            )
         fields.update(
             error_type=qualified_name(type(error)),
             error_message=error.message if isinstance(error, KeelError) else str(error),
-            traceback="".join(traceback.format_exception(error)),
+            traceback=text,
         )
     elif status is RunStatus.CANCELLED:
         fields.update(error_type="Cancelled", error_message="the run was cancelled")

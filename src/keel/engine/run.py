@@ -90,8 +90,10 @@ class StepState:
         "child_run_id",
         "dependents",
         "deps",
+        "attempts_started",
         "ended_at",
         "finished",
+        "first_attempt",
         "future",
         "kind",
         "kwargs",
@@ -122,6 +124,10 @@ class StepState:
         self.admitted = False
         self.finished = False
         self.attempt = attempt
+        # A resumed step starts at its recorded attempt count + 1; its retry budget
+        # counts from here, so a resumed run gives a failed step its retries again.
+        self.first_attempt = attempt
+        self.attempts_started = attempt - 1  # what the record counts
         self.dependents: list[StepState] | None = None
         self.status = StepStatus.PENDING
         self.started_at: float | None = None
@@ -447,7 +453,10 @@ class RunState:
             if self.session.cancelled:
                 work.extend(self._finish(step, StepStatus.FAILED, error=Cancelled(self.run_id)))
                 continue
-            work.extend(self._start(step))
+            try:
+                work.extend(self._start(step))
+            except Exception as exc:  # e.g. an executor that cannot be created
+                work.extend(self._finish(step, StepStatus.FAILED, error=exc))
 
     def _start(self, step: StepState) -> list[StepState]:
         task = step.task
@@ -462,6 +471,7 @@ class RunState:
             if hit is not None:
                 return hit
         step.status = StepStatus.RUNNING
+        step.attempts_started = step.attempt
         now = time.time()
         if step.started_at is None:
             step.started_at = now
@@ -562,11 +572,13 @@ class RunState:
             )
         else:
             assert step.task is not None
-            if not self.session.cancelled and should_retry(step.task.opts, step.attempt, outcome):
-                delay = retry_delay(step.task.opts, step.attempt)
+            tries = step.attempt - step.first_attempt + 1  # attempts made by this execution
+            if not self.session.cancelled and should_retry(step.task.opts, tries, outcome):
+                delay = retry_delay(step.task.opts, tries)
                 # The row keeps counting attempts started: the retry's own start
                 # records it, so a crash during the backoff leaves no gap in numbers.
                 step.attempt += 1
+                step.status = StepStatus.PENDING  # waiting out its backoff: cancellable
                 timers.call_later(delay, lambda: self._dispatch([step]))
                 return
             error = outcome.error
@@ -588,6 +600,9 @@ class RunState:
             self._dispatch(ready)
 
     def _skip(self, step: StepState, failed: StepFuture[Any]) -> list[StepState]:
+        return self._finish(step, StepStatus.SKIPPED, error=self._skip_error(step, failed))
+
+    def _skip_error(self, step: StepState, failed: StepFuture[Any]) -> UpstreamFailedError:
         root = failed
         while root.seq in self._upstream:
             root = self._upstream[root.seq]
@@ -598,8 +613,9 @@ class RunState:
             run_id=self.run_id,
             step_key=step.future.key,
         )
+        error.root_error = cause  # for the run's traceback, if the body re-raises the skip
         self._upstream[step.future.seq] = root
-        return self._finish(step, StepStatus.SKIPPED, error=error)
+        return error
 
     def _finish(
         self,
@@ -612,7 +628,50 @@ class RunState:
         error_type: str | None = None,
         error_message: str | None = None,
     ) -> list[StepState]:
-        """Record the step's final state, complete its future, release dependents."""
+        """Record the step's final state, complete its future, release dependents.
+
+        Dependents of a failed step are skipped, those of a cancelled one cancelled,
+        through a worklist: a chain of any length ends without deep recursion.
+        Returns the steps that became ready to start.
+        """
+        ready, ending = self._finish_one(
+            step,
+            status,
+            stored=stored,
+            value=value,
+            error=error,
+            error_type=error_type,
+            error_message=error_message,
+        )
+        work = deque((dependent, step.future, error) for dependent in ending)
+        while work:
+            dependent, cause, cause_error = work.popleft()
+            if dependent.finished:
+                continue
+            if isinstance(cause_error, (Cancelled, Suspended)):
+                next_error: BaseException = cause_error
+                more, ending = self._finish_one(dependent, StepStatus.FAILED, error=next_error)
+            else:
+                next_error = self._skip_error(dependent, cause)
+                more, ending = self._finish_one(dependent, StepStatus.SKIPPED, error=next_error)
+            ready.extend(more)
+            work.extend((d, dependent.future, next_error) for d in ending)
+        return ready
+
+    def _finish_one(
+        self,
+        step: StepState,
+        status: StepStatus,
+        *,
+        stored: StoredValue | None = None,
+        value: Any = _NO_VALUE,
+        error: BaseException | None = None,
+        error_type: str | None = None,
+        error_message: str | None = None,
+    ) -> tuple[list[StepState], list[StepState]]:
+        """Finish one step: (steps now ready, dependents that must end with it)."""
+        if step.finished:
+            return [], []
         # A cancelled step, or a child run that parked itself, never ran to an end.
         cancelled = isinstance(error, (Cancelled, Suspended))
         step.finished = True
@@ -654,6 +713,7 @@ class RunState:
             )
             if error is not None and not cancelled:
                 self._failures.append(step.future)
+
             del self._active[step.future.seq]
             if step.admitted:
                 ready = self._release_locked(step)
@@ -673,10 +733,7 @@ class RunState:
                 self._idle.set()
         for callback in callbacks:
             callback(step.future)
-        for dependent in skipped:
-            if not dependent.finished:
-                ready.extend(self._skip(dependent, step.future))
-        return ready
+        return ready, skipped
 
     def finish_child(
         self, step: StepState, stored: StoredValue | None, error: BaseException | None
@@ -704,7 +761,7 @@ class RunState:
             "task": step.name,
             "kind": step.kind,
             "status": str(step.status),
-            "attempts": step.attempt if step.status is not StepStatus.CACHED else 0,
+            "attempts": step.attempts_started,
             "started_at": step.started_at,
             "ended_at": step.ended_at,
             "deps": json.dumps([d.seq for d in step.deps]) if step.deps else None,
@@ -752,7 +809,8 @@ class RunState:
             self._ready.clear()
             self._parked.clear()
         for step in waiting:
-            self._finish(step, StepStatus.FAILED, error=Cancelled(self.run_id))
+            if not step.finished:  # finishing one may already have finished its dependents
+                self._finish(step, StepStatus.FAILED, error=Cancelled(self.run_id))
 
 
 def _artifact_uri(url: str, digest: str) -> str:

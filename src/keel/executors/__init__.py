@@ -59,6 +59,10 @@ def register_executor(name: str, factory: ExecutorFactory) -> None:
     _factories[name] = factory
 
 
+def available_executors() -> list[str]:
+    return sorted(_factories)
+
+
 def create_executor(name: str, max_workers: int) -> Executor:
     try:
         factory = _factories[name]

@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-EXECUTORS = ("threads", "processes", "ray")
-
 
 @dataclass(frozen=True, slots=True)
 class Resources:
@@ -62,10 +60,16 @@ class TaskOptions:
 
 
 def _check_executor(executor: str | None, where: str) -> None:
-    if executor is not None and executor not in EXECUTORS:
+    if executor is None:
+        return
+    from keel.executors import available_executors
+
+    known = available_executors()
+    if executor not in known:
         raise DefinitionError(
             f"{where}: unknown executor {executor!r}",
-            hint=f"Use one of: {', '.join(EXECUTORS)}",
+            hint=f"Use one of: {', '.join(known)} (or register yours first with "
+            "keel.executors.register_executor)",
         )
 
 

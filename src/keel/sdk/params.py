@@ -63,6 +63,10 @@ class ParamValidator:
                         f"({self.labels[name]}), which was not given",
                         hint=f"Pass it, e.g. --param {name}=... on the command line",
                     )
+                if _is_json_data(param.default):
+                    # Recorded with the run, so a replay sees the same value even if
+                    # the default changes in the code meanwhile.
+                    out[name] = param.default
                 continue
             value = given[name]
             adapter = self.adapters.get(name)
@@ -114,6 +118,14 @@ class ParamValidator:
             default = "" if param.default is inspect.Parameter.empty else f"={param.default!r}"
             parts.append(f"{name}: {self.labels[name]}{default}")
         return ", ".join(parts)
+
+
+def _is_json_data(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def parse_cli_value(text: str) -> Any:
