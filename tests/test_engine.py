@@ -812,6 +812,46 @@ def test_cancel_during_a_retry_backoff() -> None:
     assert result >= 2
 
 
+@keel.task(name="eng_interrupts")
+def interrupts(i: int) -> int:
+    import os
+    import signal
+
+    _log(f"interrupts {i}")
+    if i == 0 and not _gate("interrupted-once").is_set():
+        _gate("interrupted-once").set()
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to the main thread
+        # Stay running a moment, so the interrupt lands while the run is busy.
+        _gate("never-opened").wait(1.0)
+    return i
+
+
+@keel.workflow(name="eng_ctrl_c", max_concurrency=1)
+def ctrl_c(n: int) -> list[int]:
+    first = interrupts.submit(0)
+    rest = [interrupts.submit(i) for i in range(1, n)]
+    return keel.gather(first, rest)
+
+
+def test_ctrl_c_cancels_the_run_and_it_can_be_resumed(backend: str) -> None:
+    assert threading.current_thread() is threading.main_thread()
+    with pytest.raises(KeyboardInterrupt):
+        keel.run(ctrl_c, n=4)
+    (run,) = keel.Client().runs(workflow="eng_ctrl_c")
+    assert run.status == "CANCELLED"
+    ran_before = [e for e in _events if e.startswith("interrupts")]
+    assert ran_before == ["interrupts 0"]  # the queued steps were not started
+    recorded = {s.key for s in run.steps if s.status == "SUCCEEDED"}
+    assert "eng_interrupts-0" in recorded
+
+    assert keel.resume(run.id).result() == [0, 1, 2, 3]
+    ran = [e for e in _events if e.startswith("interrupts")]
+    # Steps recorded as succeeded before the interrupt did not run again.
+    again = ran[len(ran_before) :]
+    assert not any(f"eng_interrupts-{e.split()[1]}" in recorded for e in again)
+    assert sorted(int(e.split()[1]) for e in ran) == [0, 1, 2, 3]
+
+
 # -- long chains ------------------------------------------------------------------------------
 
 
