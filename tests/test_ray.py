@@ -1,8 +1,9 @@
 """The Ray executor on a real multi-node Ray cluster on this machine.
 
 One cluster for the module (`ray.cluster_utils.Cluster`, every node on 127.0.0.1): a
-head node (1 CPU, custom resource `head`) and a `stable` node (1 CPU, `stable` and
-`pool`); the node-death test adds a `victim` node and kills it mid-run. The test
+head node (custom resource `head`) and a `stable` node (`stable` and `pool`); the
+node-death test adds a `victim` node (`victim` and `pool`) and kills it mid-run.
+Each node has 2 logical CPUs, so that Ray keeps its idle workers between runs. The test
 process connects with `ray.init(address=...)` and keel reuses that connection.
 
 Covered: same results as on threads (and the demo pipeline); resource requests and
@@ -56,14 +57,14 @@ def cluster() -> Iterator[SimpleNamespace]:
     c = Cluster(
         initialize_head=True,
         head_node_args={
-            "num_cpus": 1,
+            "num_cpus": 2,
             "resources": {"head": 4},
             "object_store_memory": 500 * MB,
             "include_dashboard": False,
         },
     )
     stable = c.add_node(
-        num_cpus=1, resources={"stable": 1, "pool": 1}, object_store_memory=500 * MB
+        num_cpus=2, resources={"stable": 2, "pool": 2}, object_store_memory=500 * MB
     )
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
@@ -280,7 +281,7 @@ def test_node_killed_mid_run(on_ray: SimpleNamespace, tmp_path: Path) -> None:
 
     def run() -> None:
         try:
-            box["handle"] = keel.run(flows.node_dies, out=str(out), n_slow=3, seconds=3.0)
+            box["handle"] = keel.run(flows.node_dies, out=str(out), n_slow=3, seconds=2.0)
         except BaseException as exc:
             box["error"] = exc
 
@@ -345,19 +346,20 @@ def test_timeouts_stop_the_step(on_ray: SimpleNamespace) -> None:
 
 _SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
+    import json
     import keel
+    import ray
     from flows import ray_flows as flows
     from keel.executors import ray_executor
 
-    first = keel.run(flows.placement).result()
-    second = keel.run(flows.placement).result()   # the same Ray, not a new one
-    import ray
+    first = keel.run(flows.small_stable, n=3).result()
+    address = ray.get_runtime_context().gcs_address
+    second = keel.run(flows.small_stable, n=3).result()  # the same Ray, not a new one
     print(json.dumps({
-        "stable": first["stable"] + second["stable"],
-        "env": first["env"],
+        "results": [first, second],
         "started_by_keel": ray_executor.started_by_keel(),
-        "gcs": ray.get_runtime_context().gcs_address,
+        "gcs": [address, ray.get_runtime_context().gcs_address],
+        "cpus": ray.cluster_resources().get("CPU"),
     }))
     """
 )
@@ -368,11 +370,14 @@ def _run_script(env: dict[str, str], keel_home: Path) -> dict[str, Any]:
 
     full = {
         **os.environ,
-        **env,
         "KEEL_HOME": str(keel_home),
         "KEEL_EXECUTOR": "ray",
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        **env,
     }
+    for name in ("KEEL_RAY_ADDRESS", "RAY_ADDRESS"):
+        if name not in env:
+            full.pop(name, None)
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT],
         env=full,
@@ -388,60 +393,21 @@ def _run_script(env: dict[str, str], keel_home: Path) -> dict[str, Any]:
 @pytest.mark.timeout(300)
 def test_connects_to_keel_ray_address(cluster: SimpleNamespace, keel_home: Path) -> None:
     got = _run_script({"KEEL_RAY_ADDRESS": cluster.cluster.address}, keel_home)
-    assert set(got["stable"]) == {cluster.stable.node_id}
-    assert got["env"] == "from runtime_env"
+    on_stable = {"square_sum": 5, "node": cluster.stable.node_id}
+    assert got["results"] == [on_stable, on_stable]
     assert got["started_by_keel"] is False
-    assert got["gcs"] == cluster.cluster.address
+    assert got["gcs"] == [cluster.cluster.address] * 2
 
 
 @pytest.mark.timeout(300)
 def test_starts_a_local_ray_on_demand(cluster: SimpleNamespace, keel_home: Path) -> None:
-    # A Ray of its own (the placement flow needs the custom resources, so only the
-    # steps without them can run there: use a plain workflow instead).
-    script = textwrap.dedent(
-        """
-        import json
-        import keel
-        from flows import ray_flows as flows
-        from keel.executors import ray_executor
-        import ray
-
-        first = keel.run(flows.mixed, n=3).result()
-        address = ray.get_runtime_context().gcs_address
-        second = keel.run(flows.mixed, n=3).result()
-        print(json.dumps({
-            "same": first["summary"] == second["summary"],
-            "sum": first["summary"]["sum"],
-            "started_by_keel": ray_executor.started_by_keel(),
-            "gcs": address,
-            "gcs_after": ray.get_runtime_context().gcs_address,
-            "cpus": ray.cluster_resources().get("CPU"),
-        }))
-        """
-    )
-    env = {
-        **os.environ,
-        "KEEL_HOME": str(keel_home),
-        "KEEL_EXECUTOR": "ray",
-        "KEEL_RAY_NUM_CPUS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("KEEL_RAY_ADDRESS", None)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["same"] is True and got["sum"] == 5
+    # No address: a private Ray of its own, on loopback, reused by the second run.
+    # Its steps ask for the `stable` resource only when there is such a node.
+    got = _run_script({"KEEL_RAY_NUM_CPUS": "1", "KEEL_RAY_TEST_LOCAL": "1"}, keel_home)
+    assert got["results"][0] == got["results"][1]
+    assert got["results"][0]["square_sum"] == 5
     assert got["started_by_keel"] is True
-    assert got["gcs"] == got["gcs_after"] != cluster.cluster.address
-    assert got["gcs"].startswith("127.0.0.1:")
+    first, second = got["gcs"]
+    assert first == second != cluster.cluster.address
+    assert first.startswith("127.0.0.1:")
     assert got["cpus"] == 1.0

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 import keel
+from keel.sdk.definitions import Resources
 
 
 def append_line(path: str, text: str) -> None:
@@ -106,6 +107,22 @@ def placement() -> dict[str, Any]:
         "head": keel.gather(*head),
         "env": env_var(),
     }
+
+
+@keel.task(name="ray_square_where")
+def square_where(x: int) -> dict[str, Any]:
+    return {"square": x * x, "node": node_id()}
+
+
+@keel.workflow(name="ray_small_stable")
+def small_stable(n: int) -> dict[str, Any]:
+    """Squares on the `stable` node of the test cluster (anywhere on a local Ray)."""
+    task = square_where
+    if not os.environ.get("KEEL_RAY_TEST_LOCAL"):
+        task = task.with_options(resources=Resources(custom={"stable": 1}))
+    results = keel.gather(*task.map(range(n)))
+    nodes = {r["node"] for r in results}
+    return {"square_sum": sum(r["square"] for r in results), "node": nodes.pop()}
 
 
 @keel.task(name="ray_bad_option", executor_options={"no_such_option": 1})
