@@ -136,3 +136,30 @@ def test_unknown_run(backend: str) -> None:
     keel.run(ok, n=1)
     with pytest.raises(RunNotFoundError, match="no run with id 'missing-run'"):
         keel.Client().run("missing-run")
+
+
+@keel.task(
+    name="client_configured",
+    retries=2,
+    timeout=30.0,
+    tags={"kind": "fit"},
+    resources={"cpus": 2, "memory": 2**30, "accelerator": 1},
+)
+def configured(x: int) -> int:
+    return x
+
+
+def test_task_options_and_resources_are_recorded_with_the_run(backend: str) -> None:
+    @keel.workflow(name="client_configured_wf")
+    def wf() -> int:
+        return configured(1) + square(2)
+
+    run = keel.Client().run(keel.run(wf).id)
+    assert run.result() == 5
+    options = run.tasks["client_configured"]
+    assert options["retries"] == 2
+    assert options["timeout"] == 30.0
+    assert options["tags"] == {"kind": "fit"}
+    assert options["resources"] == {"cpus": 2, "memory": 2**30, "accelerator": 1}
+    assert options["code_hash"] == configured.code_hash
+    assert set(run.tasks) == {"client_configured", "client_square"}
