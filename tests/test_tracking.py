@@ -489,11 +489,6 @@ def overwrites_param(lr: float = 0.1) -> str:
     return "accepted"
 
 
-@pytest.mark.xfail(
-    reason="bug: the engine logs workflow parameters straight to the recorder, bypassing "
-    "log.py's record of logged params, so log_param in the body silently overwrites them",
-    strict=True,
-)
 def test_the_body_cannot_change_a_workflow_parameter(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -505,10 +500,6 @@ def test_the_body_cannot_change_a_workflow_parameter(
     assert tracked(handle.id).data.params == {"lr": "0.1"}
 
 
-@pytest.mark.xfail(
-    reason="bug: log_metrics records the entries before a bad one (log_params is all or nothing)",
-    strict=True,
-)
 def test_log_metrics_with_a_bad_value_records_nothing(backend: str) -> None:
     with (
         keel.start_run(experiment="bad") as run,
@@ -518,11 +509,6 @@ def test_log_metrics_with_a_bad_value_records_nothing(backend: str) -> None:
     assert tracked(run.id).data.metrics == {}
 
 
-@pytest.mark.xfail(
-    reason="bug: log_metric's fast key check skips the '/' and '..' rule that param and tag "
-    "keys get",
-    strict=True,
-)
 def test_metric_keys_follow_the_same_rules_as_param_keys(backend: str) -> None:
     with keel.start_run(experiment="bad"):
         for key in ("/abs", "a/../b"):

@@ -33,6 +33,7 @@ from keel.status import RunStatus
 from keel.store.metadata import MetadataStore
 from keel.store.tracking import MAX_PARAM_LENGTH, experiment_id
 from keel.store.values import StoredValue, store_value
+from keel.tracking.log import remember_params
 
 # How long a cancelled run waits for steps already running before it is recorded.
 CANCEL_GRACE_SECONDS = 5.0
@@ -106,11 +107,15 @@ def record_new_run(session: Session, row: dict[str, Any], params: Mapping[str, A
     and the workflow's tags as the run's params and tags."""
     session.store.insert_run(row)
     run_id = row["id"]
+    texts = {}
     for key, value in params.items():
         text = str(value)
         if len(text) > MAX_PARAM_LENGTH:
             text = text[: MAX_PARAM_LENGTH - 3] + "..."
+        texts[key] = text
         session.recorder.param((run_id, -1, key, text))
+    # So keel.log_param in the body cannot silently change a parameter of the run.
+    remember_params(run_id, -1, texts)
     for key, value in json.loads(row["tags"] or "{}").items():
         session.recorder.tag((run_id, -1, key, str(value)))
 

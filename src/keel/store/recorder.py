@@ -105,9 +105,10 @@ class Recorder:
                 hint="Check the database; the run can be resumed once it is reachable",
             )
         if self.error is not None:
-            error, self.error = self.error, None
+            # The error stays until a later write succeeds, so every caller that
+            # flushes meanwhile (the engine, a search) learns that records were lost.
             raise StoreUnavailableError(
-                f"recording to the metadata store failed: {error}",
+                f"recording to the metadata store failed: {self.error}",
                 hint="Check the database and disk space; resume the run afterwards",
             )
 
@@ -192,6 +193,7 @@ class Recorder:
         while True:
             try:
                 self.store.write_batch(batch)
+                self.error = None
                 return
             except sa.exc.OperationalError as exc:
                 # A dropped connection or a locked database: wait and write again.

@@ -28,6 +28,12 @@ _params_seen: dict[tuple[str, int], dict[str, str]] = {}
 _flush_needed = threading.local()
 
 
+def remember_params(run_id: str, seq: int, params: Mapping[str, str]) -> None:
+    """Params recorded by other means (a workflow's own parameters) count as logged."""
+    with _params_lock:
+        _params_seen.setdefault((run_id, seq), {}).update(params)
+
+
 def _check_key(kind: str, key: object) -> str:
     if not isinstance(key, str):
         raise TrackingError(
@@ -112,6 +118,26 @@ def _metric_value(key: str, value: Any) -> tuple[float | None, bool]:
     return number, False
 
 
+def _metric_row(
+    run: TrackedRun, key: str, value: Any, step: Any, timestamp: float | None
+) -> tuple[Any, ...]:
+    # The common case (a str key, an int step) costs two type checks.
+    if type(key) is not str or not key or len(key) > MAX_KEY_LENGTH or key[0] == "/" or ".." in key:
+        _check_key("metric", key)
+    number, is_nan = _metric_value(key, value)
+    if step is not None and type(step) is not int:
+        step = _check_step(step)
+    return (
+        run.run_id,
+        run.seq,
+        key,
+        number,
+        is_nan,
+        step or 0,
+        time.time() if timestamp is None else float(timestamp),
+    )
+
+
 def log_metric(
     key: str, value: float, step: int | None = None, timestamp: float | None = None
 ) -> None:
@@ -119,22 +145,7 @@ def log_metric(
     run = current()
     assert run is not None
     _flush_needed.value = True
-    if type(key) is not str or not key or len(key) > MAX_KEY_LENGTH:
-        _check_key("metric", key)
-    number, is_nan = _metric_value(key, value)
-    if step is not None and type(step) is not int:
-        step = _check_step(step)
-    run.recorder.metric(
-        (
-            run.run_id,
-            run.seq,
-            key,
-            number,
-            is_nan,
-            step or 0,
-            time.time() if timestamp is None else float(timestamp),
-        )
-    )
+    run.recorder.metric(_metric_row(run, key, value, step, timestamp))
 
 
 def _check_step(step: Any) -> int:
@@ -150,9 +161,12 @@ def _check_step(step: Any) -> int:
 def log_metrics(
     metrics: Mapping[str, float], step: int | None = None, timestamp: float | None = None
 ) -> None:
+    """Record several metrics at one step; nothing is recorded if any of them is bad."""
+    run = _target()
     at = time.time() if timestamp is None else float(timestamp)
-    for key, value in metrics.items():
-        log_metric(key, value, step=step, timestamp=at)
+    rows = [_metric_row(run, key, value, step, at) for key, value in metrics.items()]
+    for row in rows:
+        run.recorder.metric(row)
 
 
 # -- tags -------------------------------------------------------------------------
