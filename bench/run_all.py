@@ -27,6 +27,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("b3_resume.py", [], ["--n", "2000", "--repeat", "1"]),
     ("b4_scale.py", [], ["--n", "5000", "--b1-n", "1000"]),
     ("b5_startup.py", [], ["--repeat", "3"]),
+    ("b6_ray.py", [], ["--n", "200", "--repeat", "1", "--mb", "50"]),
     ("b7_tracking.py", [], ["--n", "10000", "--runs", "200", "--repeat", "1", "--searches", "5"]),
 ]
 
