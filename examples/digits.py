@@ -5,8 +5,8 @@
 
 load -> split (train / validation / test) -> one `evaluate` step per configuration,
 fanned out with `map` -> pick the best -> refit it on train + validation (the fitted
-model is the step's output, kept as an artifact) -> accuracy on the held-out test set
--> register the model as a new version of `digits` and point the alias `champion` at it.
+model is the step's output, kept as an artifact) and register it as a new version of
+`digits`, with the alias `champion` -> accuracy on the held-out test set.
 
 Every step is recorded in the embedded store under KEEL_HOME (default ~/.keel); no
 server is involved. Each step is also a nested tracked run: the sweep's steps log
@@ -15,10 +15,10 @@ the experiment `digits` shows one nested run per configuration. Load the champio
 back anywhere with `keel.load_model("models:/digits@champion")`.
 
 The steps are pure functions of their inputs and use `cache=True`, so running the
-demo a second time is served from the cache. That includes `register`: the same
-model is not registered twice, the second run keeps (and reports) the version the
-first one created. A model that changes (other data, configurations or code) is
-registered as a new version, and `champion` moves to it.
+demo a second time is served from the cache. That includes the registration, which
+happens inside `refit`: the same model is not registered twice, and `champion` stays
+at the version the first run created. A model that changes (other data,
+configurations or code) makes `refit` run again: a new version, and `champion` moves.
 """
 
 from __future__ import annotations
@@ -138,13 +138,28 @@ def pick_best(scores: list[dict[str, Any]]) -> dict[str, Any]:
 
 @keel.task(cache=True, cache_version=CACHE_VERSION)
 def refit(config: dict[str, Any], splits: Splits) -> BaseEstimator:
-    """Fit the chosen configuration on train + validation. keel stores the fitted model."""
+    """Fit the chosen configuration on train + validation and register it.
+
+    keel stores the fitted model as the step's output. `register_model` also saves it
+    into this step (a nested run) as a new version of `digits`, linked to this step,
+    its params and its inputs (`keel models lineage digits/1`); `champion` moves to it.
+    """
+    ctx = keel.context()
     model = make_model(config)
     x = np.concatenate([splits["X_train"], splits["X_val"]])
     y = np.concatenate([splits["y_train"], splits["y_val"]])
-    keel.context().logger.info("refitting %s on %d images", config, len(y))
+    ctx.logger.info("refitting %s on %d images", config, len(y))
     keel.log_params({**config, "train_size": len(y)})
-    return model.fit(x, y)
+    model.fit(x, y)
+    version = keel.register_model(
+        MODEL_NAME,
+        model,
+        input_example=x[:5],  # the signature: (n, 64) float64 pixels
+        description=f"{type(model).__name__} chosen by the digits sweep: {config}",
+    )
+    keel.models.set_alias(MODEL_NAME, ALIAS, version.version)
+    ctx.logger.info("registered %s version %d as %r", MODEL_NAME, version.version, ALIAS)
+    return model
 
 
 @keel.task(cache=True, cache_version=CACHE_VERSION)
@@ -154,24 +169,6 @@ def score_test(model: BaseEstimator, splits: Splits) -> float:
     keel.context().logger.info("test accuracy %.4f on %d images", accuracy, len(splits["y_test"]))
     keel.log_metric("test_accuracy", accuracy)
     return accuracy
-
-
-@keel.task(cache=True, cache_version=CACHE_VERSION)
-def register(model: BaseEstimator, model_step: str, test_accuracy: float) -> int:
-    """Register the refitted model (the output of step `model_step`) as a new version of
-    `digits` and point the alias `champion` at it. `model` is an input so that the
-    cache key covers the model's bytes: the same model is registered only once."""
-    ctx = keel.context()
-    step = keel.Client(ctx.db_url).run(ctx.run_id).step(model_step)
-    version = keel.register_model(
-        MODEL_NAME,
-        step,  # the version links to this step, its run, params and metrics (lineage)
-        tags={"test_accuracy": f"{test_accuracy:.4f}"},
-        description=f"{type(model).__name__} chosen by the digits sweep",
-    )
-    keel.models.set_alias(MODEL_NAME, ALIAS, version.version)
-    ctx.logger.info("registered %s version %d as %r", MODEL_NAME, version.version, ALIAS)
-    return version.version
 
 
 @keel.workflow
@@ -186,15 +183,13 @@ def digits(
     scores = evaluate.map(sweep_space(), splits=splits, n_folds=n_folds)
     best = pick_best(scores)  # calling a task waits for its value
     model = refit.submit(best["config"], splits)
-    test_accuracy = score_test(model, splits)
     return {
         "best_config": best["config"],
         "cv_accuracy": best["cv_accuracy"],
         "val_accuracy": best["val_accuracy"],
-        "test_accuracy": test_accuracy,
+        "test_accuracy": score_test(model, splits),
         "configurations": len(scores),
         "model_step": model.key,
-        "model_version": register(model, model.key, test_accuracy),
     }
 
 
@@ -236,15 +231,19 @@ def main() -> int:
         f"model: output of step {model_step.key} "
         f"({model_step.output_type}, {model_step.serializer}, {model_step.output_size} bytes)"
     )
-    reused = run.step("register").status == "CACHED"
+    champion = keel.models.get_version(MODEL_NAME, ALIAS)
     print(
-        f"registered: {MODEL_NAME} version {result['model_version']}, alias {ALIAS!r}"
-        + (" (the same model as the last run: not registered again)" if reused else "")
+        f"registered: {MODEL_NAME} version {champion.version}, alias {ALIAS!r}"
+        + (
+            " (the same model as the last run: not registered again)"
+            if model_step.status == "CACHED"
+            else ""
+        )
     )
     # Load the champion back, as any other program would, and check it on the test set.
-    champion = keel.load_model(f"models:/{MODEL_NAME}@{ALIAS}")
+    loaded = keel.load_model(f"models:/{MODEL_NAME}@{ALIAS}")
     splits = run.step("split").output()
-    accuracy = float(np.mean(champion.predict(splits["X_test"]) == splits["y_test"]))
+    accuracy = float(np.mean(loaded.predict(splits["X_test"]) == splits["y_test"]))
     print(f"champion loaded back: test accuracy {accuracy:.4f}")
     print()
     print("Load it anywhere:")
@@ -255,7 +254,7 @@ def main() -> int:
     print(f"  keel logs {run.id} pick_best")
     print(f"  keel cache explain {run.id} {model_step.key}")
     print(f"  keel models show {MODEL_NAME}")
-    print(f"  keel models lineage {MODEL_NAME}/{result['model_version']}")
+    print(f"  keel models lineage {MODEL_NAME}/{champion.version}")
     print(
         f"  python -c \"import keel; print(keel.Client().run('{run.id}').step('refit').output())\""
     )

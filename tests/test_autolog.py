@@ -103,7 +103,7 @@ def search_flow(max_tuning_runs: int | None = 50) -> dict[str, Any]:
 
 def test_grid_search_logs_a_nested_run_per_candidate_and_the_best(backend: str) -> None:
     handle = keel.run(search_flow)
-    assert handle.status == "SUCCEEDED", handle.error_message
+    assert handle.status == "SUCCEEDED", keel.Client().run(handle.id).error_message
     result = handle.result()
     run = keel.Client().run(handle.id)
     step = run.step("fit_search")
@@ -130,7 +130,7 @@ def test_grid_search_logs_a_nested_run_per_candidate_and_the_best(backend: str) 
 
 def test_max_tuning_runs_keeps_the_best_candidates(backend: str) -> None:
     handle = keel.run(search_flow, max_tuning_runs=2)
-    assert handle.status == "SUCCEEDED", handle.error_message
+    assert handle.status == "SUCCEEDED", keel.Client().run(handle.id).error_message
     ranks = handle.result()["ranks"]
     run = keel.Client().run(handle.id)
     candidates = nested_runs(run, run.step("fit_search").seq)
@@ -154,7 +154,7 @@ def in_a_worker() -> int:
 
 def test_autolog_in_a_process_executor_step(backend: str) -> None:
     handle = keel.run(in_a_worker)
-    assert handle.status == "SUCCEEDED", handle.error_message
+    assert handle.status == "SUCCEEDED", keel.Client().run(handle.id).error_message
     assert handle.result() != os.getpid()
     data = keel.Client().run(handle.id).step("fit_in_a_worker").data
     assert data.params["C"] == "0.75"
@@ -474,7 +474,7 @@ def boosting(rounds: int = 8, early_stopping: bool = False) -> dict[str, Any]:
 def test_lightgbm_logs_each_iterations_metrics_with_its_step(backend: str) -> None:
     keel.autolog(frameworks=["lightgbm"])
     handle = keel.run(boosting, rounds=8)
-    assert handle.status == "SUCCEEDED", handle.error_message
+    assert handle.status == "SUCCEEDED", keel.Client().run(handle.id).error_message
     step = keel.Client().run(handle.id).step("boost")
     data = step.data
     assert data.params["objective"] == "multiclass"

@@ -54,11 +54,10 @@ def test_demo_workflow_runs_then_comes_from_cache(demo: ModuleType) -> None:
     assert run.step("score_test").data.metrics["test_accuracy"] == result["test_accuracy"]
 
     # The refitted model is registered from its step, and `champion` points at it.
-    assert result["model_version"] == 1
     champion = keel.models.get_version("digits", "champion")
     assert champion.version == 1
     assert (champion.run_id, champion.step_key) == (first.id, result["model_step"])
-    assert champion.tags["test_accuracy"] == f"{result['test_accuracy']:.4f}"
+    assert champion.signature is not None and "64" in str(champion.signature)
     splits = run.step("split").output()
     loaded = keel.load_model("models:/digits@champion")
     accuracy = float(np.mean(loaded.predict(splits["X_test"]) == splits["y_test"]))
@@ -73,7 +72,7 @@ def test_demo_workflow_runs_then_comes_from_cache(demo: ModuleType) -> None:
     assert [s.key for s in again] == [s.key for s in steps]
     assert all(s.status == "CACHED" for s in again)
     assert all(s.cached_from and s.cached_from.startswith(first.id) for s in again)
-    # The same model is not registered twice: the cached `register` step keeps version 1.
+    # The same model is not registered twice: the cached `refit` step keeps version 1.
     assert [v.version for v in keel.models.list_versions("digits")] == [1]
     assert keel.models.get_version("digits", "champion").version == 1
 
@@ -84,10 +83,11 @@ def test_demo_registers_a_changed_model_as_a_new_version(
     configs = demo.sweep_space()[-2:]  # a short sweep: two logistic regressions
     monkeypatch.setattr(demo, "sweep_space", lambda: configs)
     first = keel.run(demo.digits, n_folds=2)
-    assert first.result()["model_version"] == 1
+    assert first.status == "SUCCEEDED"
+    assert keel.models.get_version("digits", "champion").run_id == first.id
     # Another split trains another model: a new version, and `champion` moves to it.
     second = keel.run(demo.digits, seed=1, n_folds=2)
-    assert second.result()["model_version"] == 2
+    assert second.status == "SUCCEEDED"
     champion = keel.models.get_version("digits", "champion")
     assert (champion.version, champion.run_id) == (2, second.id)
     assert [e.action for e in keel.models.history("digits")].count("set_alias") == 2
@@ -112,3 +112,39 @@ def test_demo_script_prints_run_id(keel_home: Path) -> None:
     assert "registered: digits version 1, alias 'champion'" in proc.stdout
     assert "champion loaded back: test accuracy 0.9" in proc.stdout
     assert 'keel.load_model("models:/digits@champion")' in proc.stdout
+
+
+# A registration step that reads the step which returned the model (the demo's first
+# design: register from `keel.Client().run(run_id).step("refit-23")` in a later step)
+# fails whenever the recorder has not committed the upstream step yet: a step cannot
+# read its own run's upstream steps through the Client. The demo registers inside
+# `refit` instead. KEEL_FLUSH_INTERVAL=2 makes the window wide enough to hit every time.
+
+
+@keel.task
+def produce_value() -> int:
+    return 1
+
+
+@keel.task
+def read_upstream(value: int, key: str) -> str:
+    ctx = keel.context()
+    return keel.Client(ctx.db_url).run(ctx.run_id).step(key).status
+
+
+@keel.workflow
+def reads_upstream() -> str:
+    value = produce_value.submit()
+    return read_upstream(value, value.key)
+
+
+@pytest.mark.xfail(
+    reason="bug: inside a step, keel.Client does not see the run's finished upstream "
+    "steps until the recorder's next commit (Client reads do not flush, search_runs does)",
+    strict=True,
+)
+def test_a_step_reads_its_finished_upstream_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_FLUSH_INTERVAL", "2")
+    handle = keel.run(reads_upstream)
+    assert handle.status == "SUCCEEDED", keel.Client().run(handle.id).error_message
+    assert handle.result() == "SUCCEEDED"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +45,7 @@ from keel.tracking.autolog.base import (
     logger,
     module_available,
     nested_training,
+    original,
     record_for,
     safely,
     training,
@@ -138,7 +140,15 @@ def _estimator_classes() -> list[type]:
     classes: list[type] = [Pipeline, GridSearchCV, RandomizedSearchCV]
     with safely("list scikit-learn's estimators"):
         classes += [cls for _, cls in all_estimators() if cls not in classes]
-    return [cls for cls in classes if callable(getattr(cls, "fit", None))]
+    # A plain function only: a `fit` behind a descriptor (available_if) is left alone.
+    return [cls for cls in classes if isinstance(_defined_fit(cls), types.FunctionType)]
+
+
+def _defined_fit(cls: type) -> object:
+    for base in cls.__mro__:
+        if "fit" in vars(base):
+            return original(vars(base)["fit"])
+    return None
 
 
 # -- what a fit records ----------------------------------------------------------------
