@@ -29,6 +29,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("b5_startup.py", [], ["--repeat", "3"]),
     ("b6_ray.py", [], ["--n", "200", "--repeat", "1", "--mb", "50"]),
     ("b7_tracking.py", [], ["--n", "10000", "--runs", "200", "--repeat", "1", "--searches", "5"]),
+    ("b8_schedules.py", [], ["--ticks", "5", "--n", "200", "--repeat", "1"]),
 ]
 
 
