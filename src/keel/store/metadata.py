@@ -226,7 +226,18 @@ class MetadataStore:
 
     def _write_tracking(self, conn: sa.Connection, batch: Batch) -> None:
         if batch.metrics:
-            conn.exec_driver_sql(self._tracking_sql("keel_metrics", upsert=False), batch.metrics)
+            if self.dialect == "postgresql":
+                # COPY moves a training loop's metric points several times faster
+                # than an INSERT per row; it runs inside this same transaction.
+                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                columns = ", ".join(METRIC_COLUMNS)
+                with cursor.copy(f"COPY keel_metrics ({columns}) FROM STDIN") as copy:
+                    for row in batch.metrics:
+                        copy.write_row(row)
+            else:
+                conn.exec_driver_sql(
+                    self._tracking_sql("keel_metrics", upsert=False), batch.metrics
+                )
         if batch.latest_metrics:
             conn.exec_driver_sql(self._tracking_sql("keel_latest_metrics"), batch.latest_metrics)
         for table, rows in (
