@@ -461,3 +461,31 @@ def test_resume_on_the_processes_executor(backend: str, tmp_path: Any) -> None:
     marker.unlink()
     assert keel.resume(handle.id).result() == sum(i * i for i in range(5))
     assert sorted(out.read_text().split()) == ["0", "1", "2", "3", "3", "4"]
+
+
+@keel.task(name="replay_two_tries", retries=1, retry_delay=0)
+def two_tries(x: int) -> int:
+    _count(f"two_tries attempt {keel.context().attempt}")
+    if "two_tries" in _broken:
+        raise RuntimeError("still broken")
+    return x
+
+
+def test_a_resumed_step_gets_its_retries_again(backend: str) -> None:
+    @keel.workflow(name="replay_retries_again")
+    def wf() -> int:
+        return two_tries(step_a(1))
+
+    _broken.add("two_tries")
+    handle = keel.run(wf)
+    assert handle.status == "FAILED"
+    assert keel.resume(handle.id).status == "FAILED"
+    assert _calls == Counter({"a1": 1, **{f"two_tries attempt {n}": 1 for n in (1, 2, 3, 4)}})
+    step = keel.Client().run(handle.id).step("replay_two_tries-1")
+    assert [(a.number, a.status) for a in step.attempts] == [(n, "FAILED") for n in (1, 2, 3, 4)]
+
+    _broken.clear()
+    assert keel.resume(handle.id).result() == 2
+    step = keel.Client().run(handle.id).step("replay_two_tries-1")
+    assert [a.number for a in step.attempts] == [1, 2, 3, 4, 5]
+    assert step.attempts[-1].status == "SUCCEEDED"
