@@ -326,6 +326,40 @@ def test_node_killed_mid_run(on_ray: SimpleNamespace, tmp_path: Path) -> None:
     assert len(reduce.attempts) == 1
 
 
+def test_cancel_drops_queued_ray_tasks_and_interrupts_running_ones(
+    on_ray: SimpleNamespace, tmp_path: Path
+) -> None:
+    out = tmp_path / "effects.txt"
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["handle"] = keel.run(flows.hogs, n=4, out=str(out), seconds=30.0)
+        except BaseException as exc:
+            box["error"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while not _lines(out):  # the first step runs; the three others wait for the node
+        assert runner.is_alive() and time.monotonic() < deadline
+        time.sleep(0.02)
+    (running,) = keel.Client().runs(workflow="ray_hogs")
+    keel.cancel(running.id)
+    runner.join(timeout=60)  # well before the running step's 30 s are over
+    assert not runner.is_alive()
+    run = keel.Client().run(running.id)
+    assert run.status == "CANCELLED"
+    assert len(_lines(out)) == 1  # the queued steps never started
+    assert not any(s.status == "SUCCEEDED" for s in run.steps)
+
+    # Everything is still there to resume (and this time the steps end at once).
+    Path(f"{out}.release").touch()
+    handle = keel.resume(run.id)
+    assert handle.status == "SUCCEEDED"
+    assert handle.result() == [0, 1, 2, 3]
+
+
 @pytest.mark.timeout(120)
 def test_timeouts_stop_the_step(on_ray: SimpleNamespace) -> None:
     handle = keel.run(flows.timeouts, which="sleepy", seconds=60)

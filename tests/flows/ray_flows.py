@@ -214,6 +214,22 @@ def timeouts(which: str, seconds: float) -> str:
     return (sleepy if which == "sleepy" else stubborn)(seconds)
 
 
+@keel.task(name="ray_hog", resources={"stable": 2})
+def hog(i: int, out: str, seconds: float) -> int:
+    """Takes the whole `stable` node, so the others wait in Ray's queue; runs for
+    `seconds` or until the file `out`.release exists."""
+    append_line(out, f"{keel.context().step_key} {keel.context().attempt}")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not os.path.exists(f"{out}.release"):
+        time.sleep(0.05)
+    return i
+
+
+@keel.workflow(name="ray_hogs", max_concurrency=8)
+def hogs(n: int, out: str, seconds: float) -> list[int]:
+    return keel.gather(*hog.map(range(n), out=out, seconds=seconds))
+
+
 # -- a node dies mid-run --------------------------------------------------------------------
 
 

@@ -399,7 +399,8 @@ class RayExecutor:
         """The outcome for a task that Ray failed; None when the step was sent again."""
         call = job.call
         cause = exc.cause if isinstance(exc, rex.RayTaskError) and exc.cause is not None else exc
-        if isinstance(cause, rex.TaskCancelledError) and call.run_id in self._cancelled:
+        interrupted = isinstance(cause, (rex.TaskCancelledError, KeyboardInterrupt))
+        if interrupted and call.run_id in self._cancelled:
             return failure(Cancelled(call.run_id), job.submitted, tb="")
         if isinstance(cause, rex.ObjectLostError):
             lost = next((r for r in job.arg_refs if r.hex() == cause.object_ref_hex), None)
