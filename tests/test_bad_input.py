@@ -226,6 +226,26 @@ def test_workflow_result_that_cannot_be_serialized(recorded: Callable[[], None])
     recorded()
 
 
+@keel.task(name="bad_cached", cache=True)
+def cached_step(thing: Any, label: str) -> str:
+    return label
+
+
+def test_cached_task_input_that_cannot_be_hashed(recorded: Callable[[], None]) -> None:
+    @keel.workflow(name="bad_cached_input")
+    def wf() -> str:
+        return cached_step(threading.Lock(), label="x")
+
+    run = keel.Client().run(keel.run(wf).id)
+    assert run.status == "FAILED"
+    assert run.error_type == "keel.errors.SerializationError"
+    message = run.error_message or ""
+    assert "input arg0 of cached task bad_cached" in message
+    assert "lock" in message.lower()
+    assert run.step("bad_cached-0").status == "FAILED"
+    recorded()
+
+
 # -- futures from another run --------------------------------------------------------------------
 
 _kept: list[keel.StepFuture[int]] = []

@@ -316,3 +316,29 @@ def test_lists_of_futures_hash_by_content(backend: str, out: Path) -> None:
     hit = keel.Client().run(second.id).step("cache_sum_all-3")
     assert hit.status == "CACHED"
     assert hit.cached_from == f"{first.id}/cache_sum_all-3"
+
+
+@keel.task(name="cache_nested_total", cache=True)
+def nested_total(groups: dict[str, list[list[int]]], path: str) -> int:
+    _append(path, f"nested_total {groups}")
+    return sum(sum(g) for gs in groups.values() for g in gs)
+
+
+@keel.workflow(name="cache_nested_futures")
+def nested_futures(values: list[int], path: str) -> int:
+    parities = [parity.submit(v, path) for v in values]
+    return nested_total({"groups": [parities[:1], parities[1:]]}, path)
+
+
+def test_futures_nested_deep_in_inputs_hash_by_content(
+    backend: str, executor: str, out: Path
+) -> None:
+    first = keel.run(nested_futures, values=[1, 2, 3], path=str(out))
+    second = keel.run(nested_futures, values=[3, 4, 5], path=str(out))  # same parities
+    assert first.result() == second.result() == 2
+    assert [line for line in _lines(out) if line.startswith("nested_total")] == [
+        "nested_total {'groups': [[1], [0, 1]]}"
+    ]
+    hit = keel.Client().run(second.id).step("cache_nested_total-3")
+    assert hit.status == "CACHED"
+    assert sorted(hit.deps) == [0, 1, 2]
