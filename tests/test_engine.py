@@ -398,6 +398,31 @@ def test_failing_child_fails_the_parent(backend: str) -> None:
     assert kid.steps[0].status == "FAILED"
 
 
+@keel.task(name="eng_array")
+def array(n: int) -> Any:
+    import numpy as np
+
+    return np.arange(n)
+
+
+@keel.workflow(name="eng_array_child")
+def array_child(values: Any, scale: int = 2) -> int:
+    return int(values.sum()) * scale
+
+
+def test_child_workflow_with_non_json_arguments(backend: str) -> None:
+    @keel.workflow(name="eng_array_parent")
+    def wf(n: int) -> int:
+        return array_child(array.submit(n), scale=3)
+
+    run = _run(wf, n=5)
+    assert run.result() == 30
+    (kid,) = run.children()
+    assert kid.status == "SUCCEEDED"
+    assert kid.params["scale"] == 3
+    assert "0, 1, 2, 3, 4" in str(kid.params["values"])  # shown, not JSON data
+
+
 # -- failures ------------------------------------------------------------------------------
 
 
@@ -539,6 +564,25 @@ def test_stdout_stderr_and_logging_captured_per_attempt(backend: str) -> None:
         whole = step.logs()
         assert f"out {tag} attempt 1" in whole and f"out {tag} attempt 2" in whole
         assert step.logs(attempt=2) == second.logs()
+
+
+def test_unicode_output_is_captured(backend: str) -> None:
+    @keel.task(name="eng_unicode")
+    def unicode_out() -> str:
+        text = "héllo wörld ✓ 数据 🚀"
+        print(text)
+        logging.getLogger("eng.user").warning("logged %s", text)
+        return text
+
+    @keel.workflow(name="eng_unicode_wf")
+    def wf() -> str:
+        return unicode_out()
+
+    run = _run(wf)
+    assert run.result() == "héllo wörld ✓ 数据 🚀"
+    logs = run.steps[0].logs()
+    assert "héllo wörld ✓ 数据 🚀\n" in logs
+    assert "logged héllo wörld ✓ 数据 🚀" in logs
 
 
 def test_output_outside_steps_is_not_captured(

@@ -403,3 +403,23 @@ def test_run_ids_sort_by_creation(backend: str) -> None:
     ids = [keel.run(values, n=1).id for _ in range(3)]
     assert ids == sorted(ids)
     assert [r.id for r in keel.Client().runs(workflow="store_values")] == ids[::-1]
+
+
+def test_workflow_result_in_the_artifact_store(
+    backend: str, keel_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEEL_INLINE_LIMIT", "0")
+
+    @keel.workflow(name="store_big_result")
+    def wf(n: int) -> dict[str, Any]:
+        return {"values": make("list", n), "array": make("array", n)}
+
+    handle = keel.run(wf, n=20)
+    result = handle.result()
+    assert result["values"] == list(range(20))
+    np.testing.assert_array_equal(result["array"], np.arange(20, dtype=np.float32))
+    row = open_store().get_run(handle.id)
+    assert row is not None
+    assert row.result_inline is None and row.result_ref is not None
+    assert (keel_home / "artifacts" / row.result_ref[:2] / row.result_ref).is_file()
+    assert all(s.output_ref is not None for s in keel.Client().run(handle.id).steps)
