@@ -650,6 +650,19 @@ def test_bad_backfills_are_clear_errors(backend: str) -> None:
 
 
 # -- the command line --------------------------------------------------------------------------
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The same command in this process (no interpreter start-up), for bad input."""
+    from typer.testing import CliRunner
+
+    from keel.cli.main import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return subprocess.CompletedProcess(
+        ["keel", *args], result.exit_code, result.stdout, result.stderr
+    )
+
+
 def keel_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
@@ -681,10 +694,10 @@ def test_cli_schedules_and_backfill(backend: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "schedule nightly: sched_echo cron 0 3 * * * (Europe/Paris)" in out.stdout
-    listed = keel_cli("schedules", "ls")
+    listed = cli("schedules", "ls")
     assert "nightly" in listed.stdout and "none" in listed.stdout
-    assert keel_cli("schedules", "pause", "nightly").returncode == 0
-    assert "paused" in keel_cli("schedules", "show", "nightly").stdout
+    assert cli("schedules", "pause", "nightly").returncode == 0
+    assert "paused" in cli("schedules", "show", "nightly").stdout
     bad = [
         (("schedules", "add", "x", ref, "--cron", "0 3 * *"), "bad cron expression '0 3 * *'"),
         (
@@ -714,7 +727,7 @@ def test_cli_schedules_and_backfill(backend: str) -> None:
         ),
     ]
     for args, message in bad:
-        result = keel_cli(*args)
+        result = cli(*args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
@@ -735,8 +748,8 @@ def test_cli_schedules_and_backfill(backend: str) -> None:
     assert filled.returncode == 0, filled.stderr
     assert "10 runs of sched_echo queued" in filled.stdout and "at most 3 at once" in filled.stdout
     assert len(runs_of("nightly")) == 10  # the schedule's ticks: same cadence
-    assert keel_cli("schedules", "rm", "nightly").returncode == 0
-    assert "no schedules" in keel_cli("schedules", "ls").stdout
+    assert cli("schedules", "rm", "nightly").returncode == 0
+    assert "no schedules" in cli("schedules", "ls").stdout
 
 
 def test_a_keel_worker_process_runs_schedules(backend: str, tmp_path: Path) -> None:

@@ -279,6 +279,19 @@ def test_bad_triggers_are_clear_errors(backend: str, tmp_path: Path) -> None:
 
 
 # -- the command line --------------------------------------------------------------------------
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The same command in this process (no interpreter start-up), for bad input."""
+    from typer.testing import CliRunner
+
+    from keel.cli.main import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return subprocess.CompletedProcess(
+        ["keel", *args], result.exit_code, result.stdout, result.stderr
+    )
+
+
 def keel_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
@@ -315,9 +328,9 @@ def test_cli_triggers(backend: str, tmp_path: Path) -> None:
     fired = keel_cli("triggers", "fire", "hook", "--data", '{"n": 4}')
     assert fired.returncode == 0, fired.stderr
     assert "trigger hook fired: queued run" in fired.stdout
-    listed = keel_cli("triggers", "ls")
+    listed = cli("triggers", "ls")
     assert "hook" in listed.stdout and "after" in listed.stdout
-    shown = keel_cli("triggers", "events", "hook")
+    shown = cli("triggers", "events", "hook")
     assert '"payload": {"n": 4}' in shown.stdout
     for args, message in [
         (("triggers", "fire", "hook", "--data", '{"n": "four"}'), "expects int"),
@@ -326,9 +339,9 @@ def test_cli_triggers(backend: str, tmp_path: Path) -> None:
         (("triggers", "add", "x", "flows.schedule_flows:hook"), "give exactly one of"),
         (("triggers", "rm", "nope"), "no trigger named 'nope'"),
     ]:
-        result = keel_cli(*args)
+        result = cli(*args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
-    assert keel_cli("triggers", "rm", "hook").returncode == 0
+    assert cli("triggers", "rm", "hook").returncode == 0
     assert len(keel.triggers.events("hook")) == 1  # the firing stays recorded
