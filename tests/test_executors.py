@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -331,3 +332,66 @@ def test_cancel_a_run_on_processes_then_resume(backend: str, tmp_path: Path) -> 
 
     assert keel.resume(running.id).result() == [0, 10, 20, 30]
     assert sorted((tmp_path / "ran.txt").read_text().split()) == ["0", "1", "2", "3"]
+
+
+# -- errors that cannot travel back from a worker as objects ------------------------------------
+
+
+class TwoArgError(Exception):
+    """Pickles, but does not unpickle: its __init__ takes other arguments than `args`."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+
+
+class LockedError(Exception):
+    """Does not pickle at all: it holds a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+@keel.task(
+    name="exe_odd_error", executor="processes", retries=1, retry_delay=0, retry_on=TwoArgError
+)
+def odd_error(kind: str, path: str) -> str:
+    attempt = keel.context().attempt
+    _append(path, f"{kind} {attempt}")
+    if attempt == 1:
+        if kind == "two-arg":
+            raise TwoArgError(42, "the detail")
+        raise LockedError("holds a lock")
+    return f"{kind} ok"
+
+
+@keel.workflow(name="exe_odd_errors")
+def odd_errors(kind: str, path: str) -> str:
+    return odd_error(kind, path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "error_type", "message", "retried"),
+    [
+        ("two-arg", "TwoArgError", "42: the detail", True),  # retry_on matches by type
+        ("locked", "LockedError", "holds a lock", False),
+    ],
+)
+def test_errors_that_cannot_travel_keep_their_type_and_message(
+    backend: str, tmp_path: Path, kind: str, error_type: str, message: str, retried: bool
+) -> None:
+    out = tmp_path / "out.txt"
+    run = keel.Client().run(keel.run(odd_errors, kind=kind, path=str(out)).id)
+    first = run.steps[0].attempts[0]
+    assert first.error_type is not None and first.error_type.endswith(error_type)
+    assert first.error_message == message
+    if retried:
+        assert run.result() == f"{kind} ok"
+        assert out.read_text().split("\n")[:2] == [f"{kind} 1", f"{kind} 2"]
+    else:
+        assert run.status == "FAILED"
+        # The run reports the step's own error, as for errors that do travel.
+        assert run.error_type == first.error_type
+        assert run.error_message == message
+        assert out.read_text().splitlines() == [f"{kind} 1"]

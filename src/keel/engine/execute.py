@@ -22,6 +22,7 @@ from keel.errors import (
     Cancelled,
     KeelError,
     SerializationError,
+    StepFailedError,
     Suspended,
     UpstreamFailedError,
     qualified_name,
@@ -239,11 +240,14 @@ def _end_fields(
                 + "\nThe failure above made a step the workflow waited for be skipped:\n\n"
                 + text
             )
-        fields.update(
-            error_type=qualified_name(type(error)),
-            error_message=error.message if isinstance(error, KeelError) else str(error),
-            traceback=text,
-        )
+        error_type = qualified_name(type(error))
+        message = error.message if isinstance(error, KeelError) else str(error)
+        if isinstance(error, StepFailedError) and error.error_type:
+            # The step's exception could not travel back as an object (another
+            # process): report its own type and message, as the step's record does.
+            error_type = error.error_type
+            message = message.removeprefix(f"{error.error_type}: ")
+        fields.update(error_type=error_type, error_message=message, traceback=text)
     elif status is RunStatus.CANCELLED:
         fields.update(error_type="Cancelled", error_message="the run was cancelled")
     return fields

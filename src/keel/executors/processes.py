@@ -55,6 +55,10 @@ def _worker_main(conn: Connection) -> None:
         outcome = execute_step(call)
         try:
             data = cloudpickle.dumps(outcome)
+            if outcome.error is not None:
+                # An exception can pickle yet fail to unpickle (an __init__ whose
+                # arguments differ from `args`): check here, not in the parent.
+                pickle.loads(data)
         except Exception:
             outcome.error = None  # the exception object cannot travel; its text does
             data = cloudpickle.dumps(outcome)
