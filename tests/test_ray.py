@@ -10,13 +10,15 @@ Covered: same results as on threads (and the demo pipeline); resource requests a
 runtime_env; a large numpy array between steps by reference (read-only zero-copy
 views on the workers, no growth of the coordinator's memory, the artifact recorded);
 logs per attempt; a worker killed inside a step, retried; a node killed mid-run, with
-every recorded step run once; timeouts; connecting by address and starting Ray on demand.
+every recorded step run once; the coordinator SIGKILLed and the run resumed on Ray;
+cancellation; timeouts; connecting by address and starting Ray on demand.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -281,7 +283,7 @@ def test_node_killed_mid_run(on_ray: SimpleNamespace, tmp_path: Path) -> None:
 
     def run() -> None:
         try:
-            box["handle"] = keel.run(flows.node_dies, out=str(out), n_slow=3, seconds=2.0)
+            box["handle"] = keel.run(flows.node_dies, out=str(out), n_slow=3, seconds=4.0)
         except BaseException as exc:
             box["error"] = exc
 
@@ -358,6 +360,47 @@ def test_cancel_drops_queued_ray_tasks_and_interrupts_running_ones(
     handle = keel.resume(run.id)
     assert handle.status == "SUCCEEDED"
     assert handle.result() == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(300)
+def test_coordinator_killed_then_resumed_on_ray(
+    cluster: SimpleNamespace, keel_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "effects.txt"
+    n = 40
+    script = (
+        "import keel\n"
+        "from flows import ray_flows as flows\n"
+        f"keel.run(flows.crash, n={n}, out={str(out)!r}, delay=0.2)\n"
+    )
+    env = {
+        **os.environ,
+        "KEEL_HOME": str(keel_home),
+        "KEEL_EXECUTOR": "ray",
+        "KEEL_RAY_ADDRESS": cluster.cluster.address,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_lines(out)) < n // 3:
+            assert proc.poll() is None and time.monotonic() < deadline, _lines(out)
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    (run,) = keel.Client().runs(workflow="ray_crash")
+    recorded = {s.key for s in run.steps if s.status == "SUCCEEDED"}
+    assert 0 < len(recorded) < n
+    monkeypatch.setenv("KEEL_EXECUTOR", "ray")
+    handle = keel.resume(run.id)
+    assert handle.status == "SUCCEEDED"
+    assert handle.result() == sum(i * i for i in range(n))
+    runs_of = Counter(_lines(out))
+    assert set(runs_of) == {f"ray_crash_step-{i}" for i in range(n)}
+    assert all(runs_of[key] == 1 for key in recorded)  # recorded steps never ran again
 
 
 @pytest.mark.timeout(120)

@@ -230,6 +230,21 @@ def hogs(n: int, out: str, seconds: float) -> list[int]:
     return keel.gather(*hog.map(range(n), out=out, seconds=seconds))
 
 
+# -- the coordinator dies mid-run --------------------------------------------------------
+
+
+@keel.task(name="ray_crash_step")
+def crash_step(i: int, out: str, delay: float) -> int:
+    append_line(out, keel.context().step_key or "")
+    time.sleep(delay)
+    return i * i
+
+
+@keel.workflow(name="ray_crash", max_concurrency=4)
+def crash(n: int, out: str, delay: float) -> int:
+    return sum(keel.gather(*crash_step.map(range(n), out=out, delay=delay)))
+
+
 # -- a node dies mid-run --------------------------------------------------------------------
 
 
