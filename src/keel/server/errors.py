@@ -1,0 +1,82 @@
+"""Every error answers JSON `{"error": {"code", "message", "details"}}`, never a trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keel import errors as keel_errors
+
+log = logging.getLogger("keel.server")
+
+
+class ApiError(Exception):
+    """Raised by route code: becomes a JSON error reply with this status."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        super().__init__(message)
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+# keel errors that mean "the thing you asked for does not exist" or "bad request".
+_STATUS_BY_ERROR: list[tuple[type[keel_errors.KeelError], int, str]] = [
+    (keel_errors.RunNotFoundError, 404, "not_found"),
+    (keel_errors.StepNotFoundError, 404, "not_found"),
+    (keel_errors.ParameterError, 422, "invalid_parameters"),
+    (keel_errors.TrackingError, 400, "bad_request"),
+    (keel_errors.DefinitionError, 400, "bad_request"),
+    (keel_errors.RunStateError, 409, "conflict"),
+    (keel_errors.StoreUnavailableError, 503, "store_unavailable"),
+]
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(
+            error_body("invalid_request", "the request is not valid", details), status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(keel_errors.KeelError)
+    async def _keel(_: Request, exc: keel_errors.KeelError) -> JSONResponse:
+        status, code = next(
+            ((st, cd) for cls, st, cd in _STATUS_BY_ERROR if isinstance(exc, cls)),
+            (400, "bad_request"),
+        )
+        details = {"run_id": exc.run_id, "step_key": exc.step_key, "hint": exc.hint}
+        return JSONResponse(error_body(code, exc.message, details), status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected server error")
+        return JSONResponse(
+            error_body("internal", f"internal error ({type(exc).__name__}); see the server log"),
+            status_code=500,
+        )
