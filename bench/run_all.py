@@ -30,6 +30,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("b6_ray.py", [], ["--n", "200", "--repeat", "1", "--mb", "50"]),
     ("b7_tracking.py", [], ["--n", "10000", "--runs", "200", "--repeat", "1", "--searches", "5"]),
     ("b8_schedules.py", [], ["--ticks", "5", "--n", "200", "--repeat", "1"]),
+    ("b9_workers.py", [], ["--n", "200", "--workers", "1", "2", "--leases", "2"]),
 ]
 
 

@@ -10,6 +10,7 @@ its lease expires. Waits poll with generous timeouts; no wall-clock time is asse
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import pytest
 
 import keel
 from flows import worker_flows as flows
-from flows.worker_support import (
+from flows.worker_support import (  # reap_processes: an autouse fixture
     InThread,
     Proc,
     WorkerProcess,
@@ -29,6 +30,7 @@ from flows.worker_support import (
     pids_of,
     queue_rows,
     read_lines,
+    reap_processes,  # noqa: F401
     run_queue_row,
     run_row,
     runs_of,
@@ -120,13 +122,15 @@ def test_sigterm_hands_claimed_steps_back(backend: str, tmp_path: Path) -> None:
     assert second.terminate() == 0, second.report()
 
 
-def test_sigterm_hands_a_claimed_run_back(backend: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_sigterm_hands_a_claimed_run_back(backend: str, tmp_path: Path, sig: int) -> None:
     n = 40
     out = tmp_path / "effects.txt"
     handle = keel.submit(flows.slow_chain, out=str(out), n=n, delay=0.3)
     first = WorkerProcess(tmp_path, "first", "default", lease=600, grace=0)
     wait_until("the first worker to run 6 steps", lambda: len(read_lines(out)) >= 6, first)
-    assert first.terminate() == 0, first.report()
+    assert first.terminate(sig=sig) == 0, first.report()
+    assert "stopped after" in first.stdout.read_text()
     recorded = succeeded_seqs(handle.id)
     item = run_queue_row(handle.id)
     assert (item.status, item.claimed_by) == ("queued", None), "the run was handed back"

@@ -114,6 +114,23 @@ def queued_fanout(out: str, n: int = 500, delay: float = 0.0) -> int:
     return sum(keel.gather(queued_square.map(range(n), out=out, delay=delay)))
 
 
+@keel.workflow(name="trickle", max_concurrency=64)
+def trickle(out: str, n: int = 300, gap: float = 0.03) -> int:
+    """n steps on the `steps` queue, submitted one every `gap` seconds whatever the
+    state of the others (a body that keeps submitting while the database is down)."""
+    futures = []
+    for i in range(n):
+        futures.append(queued_square.submit(i, out=out, delay=0.0))
+        time.sleep(gap)
+    return sum(keel.gather(futures))
+
+
+@keel.workflow(name="parked_sleep")
+def parked_sleep(seconds: float) -> str:
+    keel.sleep(seconds)
+    return "woke"
+
+
 @keel.task(name="gpu_step", queue=GPU_QUEUE, pool="gpu")
 def gpu_step(i: int, counter: str, hold: float) -> int:
     """Counts the steps of the pool running at once in `counter` (`now max` under a lock)."""

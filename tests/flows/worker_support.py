@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,21 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_started: list[Proc] = []
+
+
+@pytest.fixture(autouse=True)
+def reap_processes() -> Iterator[None]:
+    """Kill what a test started and left running (a failed test must not leave workers
+    behind, serving the next test's queues). Test modules import this fixture."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if not proc.ended():
+            proc.proc.kill()
+        proc.proc.wait(timeout=60)
+
+
 class Proc:
     """A subprocess whose output goes to files (a pipe nobody reads could stall it)."""
 
@@ -45,6 +60,7 @@ class Proc:
         self.stderr = logs / f"{label}.stderr"
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=err, cwd=TESTS.parent)
+        _started.append(self)
 
     @property
     def pid(self) -> int:
@@ -71,10 +87,10 @@ class Proc:
         self.proc.wait(timeout=60)
         assert self.proc.returncode == -signal.SIGKILL, f"not killed: {self.report()}"
 
-    def terminate(self, timeout: float = WAIT_SECONDS) -> int:
-        """SIGTERM and wait for the exit; its exit code."""
+    def terminate(self, timeout: float = WAIT_SECONDS, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM (or `sig`) and wait for the exit; its exit code."""
         if not self.ended():
-            os.kill(self.proc.pid, signal.SIGTERM)
+            os.kill(self.proc.pid, sig)
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -64,15 +64,6 @@ def _load(ref: str) -> None:
         fail(f"--load {ref}: importing it failed: {describe_exception(exc)}", code=EXIT_USAGE)
 
 
-def _scheduler_hooks() -> None:
-    """Let this worker also run the scheduler's duties (schedules, triggers), if the
-    scheduler is installed: importing it registers its worker loop hooks."""
-    import importlib.util
-
-    if importlib.util.find_spec("keel.scheduler.service") is not None:
-        importlib.import_module("keel.scheduler.service")
-
-
 def worker(
     ctx: typer.Context,
     queue: Annotated[
@@ -137,7 +128,8 @@ def worker(
         _load(ref)
     make_cwd_importable()
     if not no_scheduler:
-        _scheduler_hooks()
+        # Importing it makes the worker run a scheduler pass on every turn of its loop.
+        import keel.scheduler.service  # noqa: F401
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
     )
