@@ -777,3 +777,34 @@ def test_a_keel_worker_process_runs_schedules(backend: str, tmp_path: Path) -> N
     done = [r for r in runs_of("live") if r.status == "SUCCEEDED"]
     result = keel.Client().run(done[0].id).result()
     assert result == f"proc@{utc(done[0].logical_date).isoformat()}"
+
+
+def test_keel_scheduler_registers_declared_schedules_and_starts_ticks(
+    backend: str, tmp_path: Path
+) -> None:
+    keel.schedules.add("hourly", flows.plain, every="1h", start=T0)  # long overdue
+    once = keel_cli("scheduler", "--once", "--load", str(TESTS / "flows" / "declared_flows.py"))
+    assert once.returncode == 0, once.stderr
+    assert "schedule declared_nightly registered (cron 30 2 * * * (Europe/Paris))" in once.stdout
+    assert "tick: queued run" in once.stdout
+    assert len(runs_of("hourly")) == 1  # catch-up `latest`: one run for the whole gap
+    assert keel.schedules.get("every-quarter").overlap == "skip"
+    # The loop: starts ticks as they come until SIGTERM.
+    keel.schedules.add("second", flows.plain, every="1s")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
+    with open(tmp_path / "scheduler.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keel", "scheduler"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=TESTS,
+        )
+        try:
+            wait_until("two ticks to be queued", lambda: len(runs_of("second")) >= 2)
+        finally:
+            proc.terminate()
+            assert proc.wait(60) == 0
+    assert "scheduler stopped" in (tmp_path / "scheduler.log").read_text()
+    assert all(r.status == "PENDING" for r in runs_of("second"))  # it executes nothing
