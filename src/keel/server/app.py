@@ -10,7 +10,21 @@ from fastapi import FastAPI, Request, Response
 
 from keel import __version__
 from keel.server import errors
-from keel.server.routes import health, runs
+from keel.server.routes import (
+    artifacts,
+    events,
+    experiments,
+    health,
+    logs,
+    metrics,
+    models,
+    runs,
+    steps,
+    tokens,
+    triggers,
+    workflows,
+)
+from keel.server.routes import audit as audit_log_routes
 from keel.store.metadata import MetadataStore, open_store
 from keel.store.schema import audit_log
 
@@ -28,7 +42,8 @@ def create_app(store: MetadataStore | None = None) -> FastAPI:
     )
     app.state.store = store or open_store()
     errors.install(app)
-    for module in (health, runs):
+    api = (health, runs, steps, logs, artifacts, experiments, metrics, models, workflows)
+    for module in (*api, events, triggers, tokens, audit_log_routes):
         app.include_router(module.router, prefix="/api/v1")
 
     @app.middleware("http")
@@ -41,6 +56,9 @@ def create_app(store: MetadataStore | None = None) -> FastAPI:
             _record(app.state.store, request, response.status_code, principal)
         return response
 
+    from keel.server import ui
+
+    ui.mount(app)  # the web UI: its pages' shell and /static (after the API routes)
     return app
 
 
