@@ -10,7 +10,22 @@ from fastapi import FastAPI, Request, Response
 
 from keel import __version__
 from keel.server import errors
-from keel.server.routes import health, runs
+from keel.server import mlflow as mlflow_api
+from keel.server.routes import (
+    artifacts,
+    events,
+    experiments,
+    health,
+    logs,
+    metrics,
+    models,
+    runs,
+    steps,
+    tokens,
+    triggers,
+    workflows,
+)
+from keel.server.routes import audit as audit_log_routes
 from keel.store.metadata import MetadataStore, open_store
 from keel.store.schema import audit_log
 
@@ -28,8 +43,10 @@ def create_app(store: MetadataStore | None = None) -> FastAPI:
     )
     app.state.store = store or open_store()
     errors.install(app)
-    for module in (health, runs):
+    api = (health, runs, steps, logs, artifacts, experiments, metrics, models, workflows)
+    for module in (*api, events, triggers, tokens, audit_log_routes):
         app.include_router(module.router, prefix="/api/v1")
+    mlflow_api.install(app)
 
     @app.middleware("http")
     async def audit(

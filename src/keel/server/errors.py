@@ -34,6 +34,7 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 _STATUS_BY_ERROR: list[tuple[type[keel_errors.KeelError], int, str]] = [
     (keel_errors.RunNotFoundError, 404, "not_found"),
     (keel_errors.StepNotFoundError, 404, "not_found"),
+    (keel_errors.ModelNotFoundError, 404, "not_found"),
     (keel_errors.ParameterError, 422, "invalid_parameters"),
     (keel_errors.TrackingError, 400, "bad_request"),
     (keel_errors.DefinitionError, 400, "bad_request"),

@@ -1,20 +1,28 @@
-"""Runs: list (filters, cursor pagination, newest first) and get."""
+"""Runs: list (filters, search, cursor pagination, newest first), get, and the
+operator's actions: cancel, resume, retry, signal."""
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
 
-from keel.server.auth import Principal
-from keel.server.deps import get_store, require
 from keel.server.errors import ApiError
-from keel.status import RunStatus
-from keel.store.metadata import MetadataStore
+from keel.server.routes.common import (
+    Operator,
+    Store,
+    Viewer,
+    decode_cursor,
+    encode_cursor,
+    get_run_row,
+    loads,
+)
+from keel.server.workflows import dispatch_of, runner_of
+from keel.status import FINISHED_RUN, RunStatus
+from keel.store import queue
 from keel.store.schema import runs
 
 router = APIRouter(tags=["runs"])
@@ -23,6 +31,7 @@ router = APIRouter(tags=["runs"])
 class RunOut(BaseModel):
     id: str
     workflow: str
+    run_name: str | None = None
     kind: str
     status: str
     params: dict[str, Any]
@@ -33,8 +42,22 @@ class RunOut(BaseModel):
     created_at: float
     started_at: float | None
     ended_at: float | None
+    duration: float | None = None
     error_type: str | None
     error_message: str | None
+    user: str | None = None
+    executor: str | None = None
+    entrypoint: str | None = None
+    queue: str | None = None
+    schedule: str | None = None
+    trigger_name: str | None = None
+    cancel_requested: bool = False
+
+
+class RunDetail(RunOut):
+    traceback: str | None = None
+    result_type: str | None = None
+    children: list[str] = Field(default_factory=list)
 
 
 class RunPage(BaseModel):
@@ -43,78 +66,298 @@ class RunPage(BaseModel):
 
 
 def run_out(row: Any) -> RunOut:
-    return RunOut(
-        id=row.id,
-        workflow=row.workflow,
-        kind=row.kind,
-        status=row.status,
-        params=json.loads(row.params) if row.params else {},
-        tags=json.loads(row.tags) if row.tags else {},
-        parent_id=row.parent_id,
-        retry_of=row.retry_of,
-        experiment_id=row.experiment_id,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        ended_at=row.ended_at,
-        error_type=row.error_type,
-        error_message=row.error_message,
-    )
+    return RunOut(**_fields(row))
 
 
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        created_at, run_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(created_at), str(run_id)
-    except Exception:
-        raise ApiError(400, "bad_cursor", "the cursor is not one this server returned") from None
+def _fields(row: Any) -> dict[str, Any]:
+    ended = row.ended_at
+    return {
+        "id": row.id,
+        "workflow": row.workflow,
+        "run_name": row.run_name,
+        "kind": row.kind,
+        "status": row.status,
+        "params": loads(row.params, {}),
+        "tags": {str(k): str(v) for k, v in loads(row.tags, {}).items()},
+        "parent_id": row.parent_id,
+        "retry_of": row.retry_of,
+        "experiment_id": row.experiment_id,
+        "created_at": row.created_at,
+        "started_at": row.started_at,
+        "ended_at": ended,
+        "duration": ended - row.started_at if ended is not None and row.started_at else None,
+        "error_type": row.error_type,
+        "error_message": row.error_message,
+        "user": row.user,
+        "executor": row.executor,
+        "entrypoint": row.entrypoint,
+        "queue": row.queue,
+        "schedule": row.schedule,
+        "trigger_name": row.trigger_name,
+        "cancel_requested": bool(row.cancel_requested),
+    }
 
 
-def _encode_cursor(row: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps([row.created_at, row.id]).encode()).decode()
+# The columns a list shows: everything but the potentially large ones.
+_LIST_COLUMNS = [
+    c for c in runs.c if c.name not in ("result_inline", "traceback", "tasks", "result_ref")
+]
+
+
+def _like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 @router.get("/runs", response_model=RunPage)
 def list_runs(
-    _: Annotated[Principal, Depends(require("viewer"))],
-    store: Annotated[MetadataStore, Depends(get_store)],
+    _: Viewer,
+    store: Store,
     workflow: str | None = None,
     status: Annotated[list[RunStatus] | None, Query()] = None,
+    kind: Annotated[str | None, Query(max_length=16)] = None,
+    experiment_id: int | None = None,
     parent_id: str | None = None,
+    include_children: bool = False,
+    q: Annotated[
+        str | None,
+        Query(max_length=200, description="Text in the run id, workflow or run name"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: str | None = None,
 ) -> RunPage:
-    """Runs, newest first. Pass `next_cursor` back as `cursor` for the next page."""
-    stmt = sa.select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc())
+    """Runs, newest first (by creation time, then id). Pass `next_cursor` back as
+    `cursor` for the next page. Without `parent_id` or `include_children`, only
+    top-level runs (not child runs) are listed."""
+    stmt = sa.select(*_LIST_COLUMNS).order_by(runs.c.created_at.desc(), runs.c.id.desc())
     if workflow is not None:
         stmt = stmt.where(runs.c.workflow == workflow)
     if status:
         stmt = stmt.where(runs.c.status.in_([str(s) for s in status]))
-    stmt = stmt.where(
-        runs.c.parent_id == parent_id if parent_id is not None else runs.c.parent_id.is_(None)
-    )
+    if kind is not None:
+        stmt = stmt.where(runs.c.kind == kind)
+    if experiment_id is not None:
+        stmt = stmt.where(runs.c.experiment_id == experiment_id)
+    if parent_id is not None:
+        stmt = stmt.where(runs.c.parent_id == parent_id)
+    elif not include_children:
+        stmt = stmt.where(runs.c.parent_id.is_(None))
+    if q:
+        text = q.strip()
+        pattern = f"%{_like(text)}%"
+        stmt = stmt.where(
+            sa.or_(
+                runs.c.id.startswith(text, autoescape=True),
+                runs.c.workflow.like(pattern, escape="\\"),
+                runs.c.run_name.like(pattern, escape="\\"),
+            )
+        )
     if cursor is not None:
-        created_at, run_id = _decode_cursor(cursor)
+        created_at, run_id = decode_cursor(cursor, (float, str))
         stmt = stmt.where(
             sa.or_(
                 runs.c.created_at < created_at,
                 sa.and_(runs.c.created_at == created_at, runs.c.id < run_id),
             )
         )
+    if store.dialect == "sqlite":
+        # Walk the creation-time index backwards and stop at the page's end: without
+        # the hint SQLite may pick the status index and sort every matching run.
+        stmt = stmt.with_hint(runs, "INDEXED BY ix_keel_runs_created", "sqlite")
     with store.engine.connect() as conn:
         rows = conn.execute(stmt.limit(limit + 1)).all()
     more = len(rows) > limit
     rows = rows[:limit]
     return RunPage(
-        runs=[run_out(r) for r in rows], next_cursor=_encode_cursor(rows[-1]) if more else None
+        runs=[RunOut(**_fields(r)) for r in rows],
+        next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
     )
 
 
-@router.get("/runs/{run_id}", response_model=RunOut)
-def get_run(
+@router.get("/runs/{run_id}", response_model=RunDetail)
+def get_run(run_id: str, _: Viewer, store: Store) -> RunDetail:
+    """One run; `run_id` may be an unambiguous prefix of the id."""
+    row = get_run_row(store, run_id)
+    with store.engine.connect() as conn:
+        children = list(
+            conn.execute(
+                sa.select(runs.c.id)
+                .where(runs.c.parent_id == row.id)
+                .order_by(runs.c.created_at, runs.c.id)
+                .limit(1000)
+            ).scalars()
+        )
+    return RunDetail(
+        **_fields(row), traceback=row.traceback, result_type=row.result_type, children=children
+    )
+
+
+# -- actions -------------------------------------------------------------------------------
+
+
+class RunAction(BaseModel):
+    run_id: str
+    status: str
+    message: str
+
+
+class ResumeIn(BaseModel):
+    force: bool = Field(False, description="Resume even if the run looks alive in another process")
+
+
+class SignalIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    payload: Any = None
+
+
+def _status(store: Any, run_id: str) -> str:
+    row = store.get_run(run_id)
+    return str(row.status) if row is not None else "UNKNOWN"
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunAction)
+def cancel_run(run_id: str, _: Operator, store: Store) -> RunAction:
+    """Stop a run: no new steps start; recorded results are kept for a resume.
+    A run still waiting in the queue is cancelled at once."""
+    from keel.scheduler.launch import cancel_claimed, cancel_queued
+
+    row = get_run_row(store, run_id)
+    rid = row.id
+    if row.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+        raise ApiError(
+            409,
+            "conflict",
+            f"run {rid} already finished ({row.status}); there is nothing to cancel",
+            {"run_id": rid, "status": row.status},
+        )
+    if row.status == RunStatus.CANCELLED:
+        return RunAction(run_id=rid, status=row.status, message="the run was already cancelled")
+    with store.engine.begin() as conn:
+        dequeued = cancel_queued(conn, rid, "the run was cancelled")
+    if not dequeued:
+        cancel_claimed(store, rid)
+    status = _status(store, rid)
+    message = (
+        "the run is cancelled"
+        if status == RunStatus.CANCELLED
+        else "the run was asked to stop; it starts no new steps"
+    )
+    return RunAction(run_id=rid, status=status, message=message)
+
+
+def _top_level(row: Any, verb: str) -> None:
+    if row.parent_id:
+        root = row.parent_id.split(".")[0]
+        raise ApiError(
+            409,
+            "conflict",
+            f"run {row.id} is a child of run {row.parent_id}",
+            {"hint": f"{verb.capitalize()} its root run {root}", "run_id": row.id},
+        )
+
+
+def _owner_alive(row: Any) -> bool:
+    """Whether the process recorded as running the run may still be alive."""
+    import os
+    import socket
+
+    if row.pid is None:
+        return False
+    if row.host != socket.gethostname():
+        return True  # a process on another host cannot be checked
+    if row.pid == os.getpid():
+        return False  # this server: its own threads are checked separately
+    try:
+        os.kill(row.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@router.post("/runs/{run_id}/resume", response_model=RunAction, status_code=202)
+def resume_run(
     run_id: str,
-    _: Annotated[Principal, Depends(require("viewer"))],
-    store: Annotated[MetadataStore, Depends(get_store)],
-) -> RunOut:
-    row = store.get_run(store.resolve_run_id(run_id))
-    assert row is not None
-    return run_out(row)
+    _: Operator,
+    store: Store,
+    request: Request,
+    body: ResumeIn | None = None,
+) -> RunAction:
+    """Continue a crashed, failed or cancelled run by replay: recorded steps are not run
+    again. The run is queued again; the server runs it (dispatch "server") or a
+    `keel worker` does (dispatch "queue")."""
+    force = body.force if body is not None else False
+    row = get_run_row(store, run_id)
+    rid = row.id
+    _top_level(row, "resume")
+    if row.status == RunStatus.SUCCEEDED:
+        return RunAction(run_id=rid, status=row.status, message="the run already succeeded")
+    state = request.app.state
+    runner = runner_of(state)
+    if runner.active(rid):
+        raise ApiError(409, "conflict", f"run {rid} is running in this server", {"run_id": rid})
+    if row.status == RunStatus.RUNNING and not force and _owner_alive(row):
+        raise ApiError(
+            409,
+            "conflict",
+            f"run {rid} is still running in process {row.pid} on {row.host}",
+            {"hint": "Cancel it first, or pass force if that process is gone", "run_id": rid},
+        )
+    waiting = row.status == RunStatus.PENDING and queue.item_id_for(store, f"run:{rid}")
+    if not waiting:
+        store.update_run(
+            rid,
+            status=str(RunStatus.PENDING),
+            ended_at=None,
+            cancel_requested=False,
+            host=None,
+            pid=None,
+        )
+        queue.enqueue(
+            store, kind="run", run_id=rid, queue=row.queue or "default", priority=row.priority or 0
+        )
+    if dispatch_of(state) == "server":
+        runner.follow(rid)
+    where = "in the server" if dispatch_of(state) == "server" else "by a worker"
+    return RunAction(run_id=rid, status=_status(store, rid), message=f"resumed {where}")
+
+
+@router.post("/runs/{run_id}/retry", response_model=RunAction, status_code=202)
+def retry_run(run_id: str, _: Operator, store: Store, request: Request) -> RunAction:
+    """Start a new run of a finished run's workflow (its current code) that reuses the
+    succeeded steps. Runs in the server; the reply names the new run."""
+    row = get_run_row(store, run_id)
+    _top_level(row, "retry")
+    if row.status not in FINISHED_RUN:
+        raise ApiError(
+            409,
+            "conflict",
+            f"run {row.id} is {row.status}: only a finished run can be retried",
+            {"hint": "Wait for it or cancel it first", "run_id": row.id},
+        )
+    new_id = runner_of(request.app.state).retry(row.id)
+    return RunAction(run_id=new_id, status=_status(store, new_id), message=f"retry of run {row.id}")
+
+
+@router.post("/runs/{run_id}/signal", response_model=RunAction)
+def signal_run(run_id: str, body: SignalIn, _: Operator, store: Store) -> RunAction:
+    """Send a signal (a name and a JSON payload) to a run waiting with
+    `keel.wait_for_signal`; it is kept until the run reads it."""
+    from keel.engine.api import signal
+
+    row = get_run_row(store, run_id)
+    try:
+        json.dumps(body.payload)
+    except (TypeError, ValueError):
+        raise ApiError(422, "invalid_request", "the payload must be JSON data") from None
+    if row.status in FINISHED_RUN:
+        raise ApiError(
+            409,
+            "conflict",
+            f"run {row.id} is {row.status}: it will never read signal {body.name!r}",
+            {"run_id": row.id},
+        )
+    signal(row.id, body.name, body.payload, store=store)
+    return RunAction(
+        run_id=row.id, status=_status(store, row.id), message=f"signal {body.name!r} sent"
+    )

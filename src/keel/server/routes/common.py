@@ -1,0 +1,109 @@
+"""Helpers the route modules share: finding runs and steps, cursors, JSON columns."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Depends, Request
+from sqlalchemy.engine import Row
+
+from keel.server.auth import Principal
+from keel.server.deps import get_store, require
+from keel.server.errors import ApiError
+from keel.store.metadata import MetadataStore
+from keel.store.schema import steps
+
+# The dependencies almost every route takes.
+Viewer = Annotated[Principal, Depends(require("viewer"))]
+Operator = Annotated[Principal, Depends(require("operator"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
+Store = Annotated[MetadataStore, Depends(get_store)]
+
+
+def app_state(request: Request) -> Any:
+    return request.app.state
+
+
+def loads(text: str | None, default: Any) -> Any:
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+def get_run_row(store: MetadataStore, run_id: str) -> Row[Any]:
+    """The run with that id (or an unambiguous prefix); 404 otherwise."""
+    row = store.get_run(store.resolve_run_id(run_id))
+    if row is None:  # deleted between the two reads
+        raise ApiError(404, "not_found", f"no run with id {run_id!r}")
+    return row
+
+
+def find_step(store: MetadataStore, run_id: str, ref: str) -> Row[Any]:
+    """A step of a run by key (`train-3`), position (`3`) or task name when it ran once."""
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(steps).where(steps.c.run_id == run_id, steps.c.key == ref)
+        ).first()
+        if row is None and ref.isdigit() and len(ref) < 10:
+            row = conn.execute(
+                sa.select(steps).where(steps.c.run_id == run_id, steps.c.seq == int(ref))
+            ).first()
+        if row is None:
+            named = conn.execute(
+                sa.select(steps).where(steps.c.run_id == run_id, steps.c.task == ref).limit(6)
+            ).all()
+            if len(named) == 1:
+                row = named[0]
+            elif named:
+                raise ApiError(
+                    404,
+                    "not_found",
+                    f"task {ref!r} ran as several steps in run {run_id}",
+                    {"hint": "Name one by key: " + ", ".join(r.key for r in named[:5])},
+                )
+    if row is None:
+        raise ApiError(
+            404,
+            "not_found",
+            f"run {run_id} has no step {ref!r}",
+            {"hint": f"List its steps: GET /api/v1/runs/{run_id}/steps"},
+        )
+    return row
+
+
+def encode_cursor(*values: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(values)).encode()).decode()
+
+
+def decode_cursor(cursor: str, kinds: tuple[type, ...]) -> list[Any]:
+    """The values of a cursor this server returned, checked against their types."""
+    try:
+        values = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not isinstance(values, list) or len(values) != len(kinds):
+            raise ValueError
+        out = []
+        for value, kind in zip(values, kinds, strict=True):
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError
+            out.append(value)
+        return out
+    except Exception:
+        raise ApiError(400, "bad_cursor", "the cursor is not one this server returned") from None
+
+
+def sse(event: str, data: Any, event_id: str | int | None = None) -> str:
+    """One Server-Sent Event: `event:`, optional `id:`, and the JSON data on one line."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# Headers for event streams: no caching, and no buffering by a reverse proxy.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
