@@ -20,6 +20,7 @@ from keel.cli import (
     running,
     runs,
     schedule_cmds,
+    server_cmds,
     tracking_cmds,
     worker_cmds,
 )
@@ -171,6 +172,14 @@ triggers_app.command("rm")(schedule_cmds.triggers_rm)
 triggers_app.command("fire")(schedule_cmds.triggers_fire)
 app.add_typer(triggers_app)
 app.command("scheduler")(schedule_cmds.scheduler)
+
+app.command("server")(server_cmds.server)
+app.command("ui")(server_cmds.ui)
+token_app = _group("token", "API tokens for keel server: viewer, operator or admin.")
+token_app.command("create")(server_cmds.token_create)
+token_app.command("ls")(server_cmds.token_ls)
+token_app.command("revoke")(server_cmds.token_revoke)
+app.add_typer(token_app)
 
 
 def main() -> None:

@@ -1,0 +1,220 @@
+"""`keel server`, `keel ui` and `keel token`: the HTTP server and its API tokens."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from keel.cli.common import EXIT_USAGE, fail, make_cwd_importable, open_store
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from keel.store.metadata import MetadataStore
+
+DEFAULT_PORT = 8765
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(store: MetadataStore, refs: list[str], dispatch: str) -> FastAPI:
+    """The application with its workflow registry (from --workflows and keel.toml)."""
+    from keel.server.app import create_app
+    from keel.server.workflows import WorkflowRegistry, config_refs
+
+    make_cwd_importable()
+    registry = WorkflowRegistry()
+    for ref in [*config_refs(Path.cwd()), *refs]:
+        found = registry.load(ref)
+        typer.echo(f"workflows from {ref}: {', '.join(wf.name for wf in found)}", err=True)
+    app = create_app(store)
+    app.state.workflows = registry
+    app.state.dispatch = dispatch
+    return app
+
+
+def _serve(app: FastAPI, host: str, port: int, ready: threading.Event | None = None) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=os.environ.get("KEEL_SERVER_LOG_LEVEL", "warning"),
+        timeout_graceful_shutdown=3,
+    )
+    server = uvicorn.Server(config)
+    if ready is not None:
+
+        def wait() -> None:
+            while not server.started and not server.should_exit:
+                threading.Event().wait(0.05)
+            if server.started:
+                ready.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+    server.run()
+    if not server.started:
+        fail(
+            f"could not listen on {host}:{port}",
+            hint="Is the port taken? Pick another with --port",
+        )
+
+
+def server(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (loopback unless tokens exist)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = DEFAULT_PORT,
+    workflows: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--workflows",
+            "-w",
+            metavar="REF",
+            help="Workflows the API can start: file.py:name, module:name, or a whole "
+            "file or module (repeatable; also [server] workflows in keel.toml)",
+        ),
+    ] = None,
+    dispatch: Annotated[
+        str,
+        typer.Option(
+            "--dispatch",
+            help="Where runs started over HTTP execute: 'server' (threads of this "
+            "process) or 'queue' (keel worker processes)",
+        ),
+    ] = "server",
+) -> None:
+    """Serve the REST API (/api/v1), the web UI and the MLflow-compatible API."""
+    from keel.server.auth import tokens_configured
+
+    if dispatch not in ("server", "queue"):
+        fail(f"--dispatch must be 'server' or 'queue', got {dispatch!r}", code=EXIT_USAGE)
+    store = open_store(ctx)
+    if not is_loopback(host) and not tokens_configured(store):
+        fail(
+            f"refusing to listen on {host}: no API token exists, so anyone who can reach "
+            "this address could read and start runs",
+            hint="Create one first (keel token create NAME --role admin), or listen on "
+            "127.0.0.1",
+            code=EXIT_USAGE,
+        )
+    app = build_app(store, list(workflows or []), dispatch)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"keel server on http://{shown}:{port}/ (API: /api/v1, stop with Ctrl-C)")
+    _serve(app, host, port)
+
+
+def _running(url: str) -> bool:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/health", timeout=1) as reply:
+            return bool(json.loads(reply.read()).get("status") == "ok")
+    except Exception:
+        return False
+
+
+def ui(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = DEFAULT_PORT,
+    open_browser: Annotated[
+        bool, typer.Option("--open/--no-open", help="Open the browser")
+    ] = True,
+    workflows: Annotated[
+        list[str] | None,
+        typer.Option("--workflows", "-w", metavar="REF", help="As for keel server"),
+    ] = None,
+) -> None:
+    """Open the web UI of the local store, starting a server on 127.0.0.1 if none runs."""
+    import webbrowser
+
+    url = f"http://127.0.0.1:{port}"
+    if _running(url):
+        typer.echo(f"keel UI: {url}/")
+        if open_browser:
+            webbrowser.open(f"{url}/")
+        return
+    app = build_app(open_store(ctx), list(workflows or []), "server")
+    typer.echo(f"keel UI: {url}/ (server started here; stop with Ctrl-C)")
+    ready = threading.Event()
+    if open_browser:
+
+        def show() -> None:
+            if ready.wait(30):
+                webbrowser.open(f"{url}/")
+
+        threading.Thread(target=show, daemon=True).start()
+    _serve(app, "127.0.0.1", port, ready)
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+
+def token_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A name for whoever uses the token")],
+    role: Annotated[
+        str, typer.Option("--role", help="viewer (read), operator (start/stop runs), admin")
+    ] = "viewer",
+) -> None:
+    """Create an API token; it is printed once (only its hash is kept)."""
+    from keel.server.auth import create_token
+
+    token = create_token(open_store(ctx), name, role)
+    typer.echo(token)
+    typer.echo(
+        f"token {name!r} ({role}) created; it is shown only now. "
+        "Send it as `Authorization: Bearer <token>`.",
+        err=True,
+    )
+
+
+def token_ls(ctx: typer.Context) -> None:
+    """List API tokens (names, roles, last use; never the tokens)."""
+    from datetime import UTC, datetime
+
+    from keel.server.auth import list_tokens
+
+    found = list_tokens(open_store(ctx))
+    if not found:
+        typer.echo("no API tokens: the server accepts local requests only", err=True)
+        return
+
+    def when(ts: object) -> str:
+        if not isinstance(ts, int | float):
+            return "-"
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    typer.echo(f"{'NAME':<24} {'ROLE':<9} {'CREATED (UTC)':<20} {'LAST USED':<20} STATE")
+    for t in found:
+        state = "revoked" if t["revoked"] else "active"
+        typer.echo(
+            f"{t['name']!s:<24} {t['role']!s:<9} {when(t['created_at']):<20} "
+            f"{when(t['last_used_at']):<20} {state}"
+        )
+
+
+def token_revoke(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="The token's name")]
+) -> None:
+    """Revoke an API token: it stops working at once."""
+    from keel.server.auth import revoke_token
+
+    if not revoke_token(open_store(ctx), name):
+        fail(f"no token named {name!r}", hint="See them with `keel token ls`", code=EXIT_USAGE)
+    typer.echo(f"token {name!r} revoked")
