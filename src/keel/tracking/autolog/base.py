@@ -190,11 +190,6 @@ _active_lock = threading.Lock()
 _active: dict[object, int] = {}
 
 
-def training_depth() -> int:
-    """How many logged-or-suppressed training calls enclose this point on this thread."""
-    return _depth.value
-
-
 @contextlib.contextmanager
 def nested_training() -> Iterator[None]:
     """Mark a block whose training calls are internal (never logged on their own)."""
@@ -218,7 +213,12 @@ def training() -> Iterator[bool]:
     from keel.tracking.active import current
 
     outermost = _depth.value == 0
-    run = current(start=False) if outermost else None
+    run = None
+    if outermost:
+        try:
+            run = current(start=False)
+        except Exception as exc:  # the store is unreachable: record_for will warn
+            logger.debug("keel autolog: no current run: %s", exc)
     key: object = (run.run_id, run.seq) if run is not None else None
     if outermost:
         with _active_lock:
@@ -277,10 +277,20 @@ def record_for(name: str) -> AbstractContextManager[Any]:
         attempt = step.attempt if step is not None and step.run_id == run.run_id else 0
         if _claim((run.run_id, run.seq, attempt)):
             return contextlib.nullcontext()
-        return child_run(name, {"autolog.trained": name})
     except Exception as exc:
         logger.warning("keel autolog could not choose a run to record into: %s", exc)
         return contextlib.nullcontext()
+    return _child_or_current(name)
+
+
+@contextlib.contextmanager
+def _child_or_current(name: str) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(child_run(name, {"autolog.trained": name}))
+        except Exception as exc:
+            logger.warning("keel autolog could not open a run for %s: %s", name, exc)
+        yield
 
 
 @contextlib.contextmanager
@@ -301,8 +311,14 @@ def child_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]
         if auto is not None:
             active._local.stack.remove(auto)
     _claim((run.id, -1, 0))
-    with run:
+    try:
         yield run
+    except BaseException as exc:
+        with safely(f"end run {run.id}"):
+            run.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    with safely(f"end run {run.id}"):
+        run.end()
 
 
 # -- logging without breaking the user's code -----------------------------------------
