@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 metadata = MetaData()
 
@@ -435,4 +435,39 @@ audit_log = Table(
     Column("status", Integer, nullable=False),
     Column("detail", Text),
     Index("ix_keel_audit_at", "at"),
+)
+
+
+# -- MLflow compatibility: logged models (MLflow 3) ------------------------------------
+# A logged model is a folder of files (MLmodel, the model's own files) that an MLflow
+# client logs beside a run; `m-<32 hex>` ids, files by content hash in the artifact store.
+
+logged_models = Table(
+    "keel_logged_models",
+    metadata,
+    Column("model_id", String(64), primary_key=True),
+    Column("experiment_id", Integer, nullable=False),
+    Column("name", String(250), nullable=False),
+    Column("source_run_id", String(64)),  # an MLflow run id: a run, or `<run_id>-<seq>` for a step
+    Column("model_type", String(100)),
+    Column("status", String(32), nullable=False),
+    Column("status_message", Text),
+    Column("tags", Text),  # JSON object
+    Column("params", Text),  # JSON object
+    Column("lifecycle_stage", String(16), nullable=False, default="active"),
+    Column("created_by", String(200)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_keel_logged_models_experiment", "experiment_id", "name"),
+    Index("ix_keel_logged_models_run", "source_run_id"),
+)
+
+logged_model_files = Table(
+    "keel_logged_model_files",
+    metadata,
+    Column("model_id", String(64), primary_key=True),
+    Column("path", String(1000), primary_key=True),
+    Column("hash", String(64), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
 )

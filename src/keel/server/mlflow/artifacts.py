@@ -1,0 +1,215 @@
+"""The `mlflow-artifacts` proxy: upload (PUT bytes), download (GET), list, delete.
+
+Paths are `{experiment}/{run_id}/artifacts/{file}` for a run's artifacts and
+`{experiment}/models/{model_id}/artifacts/{file}` for a logged model's files. The
+bytes go to keel's artifact store under their sha256 (so no path from a request
+ever names a file on disk), and the path -> hash rows to keel_logged_artifacts (runs,
+so keel shows them like keel.log_artifact's) or keel_logged_model_files (models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from keel.server.mlflow.common import (
+    Args,
+    MlflowRoute,
+    Operator,
+    Store,
+    Viewer,
+    invalid,
+    not_found,
+    reply,
+    text_arg,
+)
+from keel.server.mlflow.data import writable
+from keel.server.mlflow.mapping import Tracked, find
+from keel.store.artifacts import artifact_store
+from keel.store.metadata import Batch, MetadataStore
+from keel.store.schema import logged_artifacts, logged_model_files, logged_models
+
+router = APIRouter(route_class=MlflowRoute)
+info_router = APIRouter(route_class=MlflowRoute)
+_MAX_PATH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Whose artifacts a path names (a run or a logged model) and the path inside."""
+
+    run: Tracked | None
+    model_id: str | None
+    rel: str
+
+
+def clean(parts: list[str]) -> str:
+    for part in parts:
+        if part in ("", ".", "..") or "\\" in part or "\x00" in part:
+            raise invalid("artifact paths must be relative and may not contain '.' or '..' parts")
+    rel = "/".join(parts)
+    if len(rel) > _MAX_PATH:
+        raise invalid(f"artifact paths may have at most {_MAX_PATH} characters")
+    return rel
+
+
+def target(store: MetadataStore, path: str) -> Target:
+    parts = path.strip("/").split("/")
+    if len(parts) >= 4 and parts[1] == "models" and parts[3] == "artifacts":
+        model_id = parts[2]
+        with store.engine.connect() as conn:
+            found = conn.execute(
+                sa.select(logged_models.c.model_id).where(logged_models.c.model_id == model_id)
+            ).first()
+        if found is None:
+            raise not_found(f"Logged model with ID '{model_id}' not found.")
+        return Target(None, model_id, clean(parts[4:]))
+    if len(parts) >= 3 and parts[2] == "artifacts":
+        return Target(find(store, parts[1]), None, clean(parts[3:]))
+    raise not_found(
+        f"no artifacts at {path!r}: use {{experiment}}/{{run_id}}/artifacts/... "
+        "or {experiment}/models/{model_id}/artifacts/..."
+    )
+
+
+def _files(store: MetadataStore, where: Target) -> dict[str, tuple[str, int]]:
+    """path -> (hash, size) of every file of the run or model."""
+    if where.run is not None:
+        t = where.run
+        stmt = sa.select(logged_artifacts.c.path, logged_artifacts.c.hash, logged_artifacts.c.size)
+        stmt = stmt.where(logged_artifacts.c.run_id == t.run_id, logged_artifacts.c.seq == t.seq)
+    else:
+        table = logged_model_files
+        stmt = sa.select(table.c.path, table.c.hash, table.c.size).where(
+            table.c.model_id == where.model_id
+        )
+    with store.engine.connect() as conn:
+        return {r.path: (r.hash, r.size) for r in conn.execute(stmt)}
+
+
+def _list(store: MetadataStore, path: str) -> Response:
+    where = target(store, path)
+    files = _files(store, where)
+    if where.rel in files:
+        name = posixpath.basename(where.rel)
+        return reply({"files": [{"path": name, "is_dir": False, "file_size": files[where.rel][1]}]})
+    prefix = where.rel + "/" if where.rel else ""
+    entries: dict[str, dict[str, Any]] = {}
+    for file, (_, size) in files.items():
+        if not file.startswith(prefix):
+            continue
+        head, sep, _rest = file[len(prefix) :].partition("/")
+        if sep:
+            entries[head] = {"path": head, "is_dir": True}
+        else:
+            entries[head] = {"path": head, "is_dir": False, "file_size": size}
+    if not entries:
+        return reply({})
+    return reply({"files": [entries[k] for k in sorted(entries)]})
+
+
+@router.get("/artifacts")
+def list_artifacts(args: Args, store: Store, _: Viewer) -> Response:
+    return _list(store, text_arg(args, "path", required=False))
+
+
+def _download(store: MetadataStore, path: str) -> Response:
+    where = target(store, path)
+    found = _files(store, where).get(where.rel)
+    if found is None:
+        raise not_found(f"Artifact '{where.rel}' does not exist at {path!r}")
+    data = artifact_store(store.config.artifacts_url).get(found[0])
+    kind = mimetypes.guess_type(where.rel)[0] or "application/octet-stream"
+    return Response(data, media_type=kind)
+
+
+@router.get("/artifacts/{path:path}")
+def download(path: str, store: Store, _: Viewer) -> Response:
+    return _download(store, path)
+
+
+def _upload(store: MetadataStore, path: str, data: bytes) -> Response:
+    where = target(store, path)
+    if not where.rel:
+        raise invalid("an upload needs a file path after .../artifacts/")
+    digest = hashlib.sha256(data).hexdigest()
+    now = time.time()
+    if where.run is not None:
+        t = writable(store, where.run.mlflow_id)
+        artifact_store(store.config.artifacts_url).put(digest, data)
+        batch = Batch()
+        batch.logged_artifacts = [(t.run_id, t.seq, where.rel, digest, len(data), "file", now)]
+        store.write_batch(batch)
+        return reply({})
+    artifact_store(store.config.artifacts_url).put(digest, data)
+    table = logged_model_files
+    with store.engine.begin() as conn:
+        conn.execute(
+            table.delete().where(table.c.model_id == where.model_id, table.c.path == where.rel)
+        )
+        conn.execute(
+            table.insert().values(
+                model_id=where.model_id, path=where.rel, hash=digest, size=len(data), created_at=now
+            )
+        )
+    return reply({})
+
+
+@router.put("/artifacts/{path:path}")
+async def upload(path: str, request: Request, store: Store, _: Operator) -> Response:
+    data = await request.body()
+    return await run_in_threadpool(_upload, store, path, data)
+
+
+def _delete(store: MetadataStore, path: str) -> Response:
+    where = target(store, path)
+    prefix = where.rel + "/"
+    gone = [
+        p for p in _files(store, where) if not where.rel or p == where.rel or p.startswith(prefix)
+    ]
+    if not gone:
+        raise not_found(f"Artifact '{where.rel}' does not exist at {path!r}")
+    with store.engine.begin() as conn:
+        if where.run is not None:
+            t = where.run
+            conn.execute(
+                logged_artifacts.delete().where(
+                    logged_artifacts.c.run_id == t.run_id,
+                    logged_artifacts.c.seq == t.seq,
+                    logged_artifacts.c.path.in_(gone),
+                )
+            )
+        else:
+            conn.execute(
+                logged_model_files.delete().where(
+                    logged_model_files.c.model_id == where.model_id,
+                    logged_model_files.c.path.in_(gone),
+                )
+            )
+    return reply({})
+
+
+@router.delete("/artifacts/{path:path}")
+def delete(path: str, store: Store, _: Operator) -> Response:
+    return _delete(store, path)
+
+
+@info_router.get("/server-info")
+def server_info(_: Viewer) -> Response:
+    """What the client probes before transfers: no multipart uploads or downloads here."""
+    return reply(
+        {
+            "store_type": "keel",
+            "workspaces_enabled": False,
+            "multipart_uploads_enabled": False,
+            "multipart_downloads_enabled": False,
+        }
+    )

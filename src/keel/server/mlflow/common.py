@@ -1,0 +1,244 @@
+"""What every MLflow route shares: MLflow's error replies, request arguments, roles,
+JSON replies with NaN as a string, page tokens.
+
+MLflow clients parse `{"error_code": "...", "message": "..."}` and rely on the status
+that goes with each code (404 RESOURCE_DOES_NOT_EXIST, 400 RESOURCE_ALREADY_EXISTS...),
+so these routes answer in that shape, not in keel's /api/v1 one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+
+from keel import errors as keel_errors
+from keel.server.auth import Principal
+from keel.server.deps import get_store, require
+from keel.server.errors import ApiError
+from keel.store.metadata import MetadataStore
+
+log = logging.getLogger("keel.server.mlflow")
+
+STATUS_BY_CODE = {
+    "RESOURCE_DOES_NOT_EXIST": 404,
+    "ENDPOINT_NOT_FOUND": 404,
+    "RESOURCE_ALREADY_EXISTS": 400,
+    "INVALID_PARAMETER_VALUE": 400,
+    "BAD_REQUEST": 400,
+    "INVALID_STATE": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "TEMPORARILY_UNAVAILABLE": 503,
+    "INTERNAL_ERROR": 500,
+}
+
+
+class MlflowError(Exception):
+    """Raised by route code: an MLflow-shaped error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+    def response(self) -> Response:
+        return reply({"error_code": self.code, "message": self.message}, STATUS_BY_CODE[self.code])
+
+
+def not_found(message: str) -> MlflowError:
+    return MlflowError("RESOURCE_DOES_NOT_EXIST", message)
+
+
+def invalid(message: str) -> MlflowError:
+    return MlflowError("INVALID_PARAMETER_VALUE", message)
+
+
+def _keel_code(exc: keel_errors.KeelError) -> str:
+    if isinstance(
+        exc,
+        keel_errors.RunNotFoundError
+        | keel_errors.StepNotFoundError
+        | keel_errors.ModelNotFoundError,
+    ):
+        return "RESOURCE_DOES_NOT_EXIST"
+    if isinstance(exc, keel_errors.StoreUnavailableError):
+        return "TEMPORARILY_UNAVAILABLE"
+    return "INVALID_PARAMETER_VALUE"
+
+
+def as_mlflow_error(exc: Exception) -> MlflowError | None:
+    """The MLflow error for an exception raised by a route or a dependency, if known."""
+    if isinstance(exc, MlflowError):
+        return exc
+    if isinstance(exc, ApiError):
+        codes = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "RESOURCE_DOES_NOT_EXIST"}
+        return MlflowError(codes.get(exc.status, "BAD_REQUEST"), exc.message)
+    if isinstance(exc, keel_errors.KeelError):
+        text = exc.message + (f" ({exc.hint})" if exc.hint else "")
+        return MlflowError(_keel_code(exc), text)
+    if isinstance(exc, RequestValidationError):
+        return MlflowError("BAD_REQUEST", f"the request is not valid: {exc.errors()}")
+    if isinstance(exc, HTTPException):
+        status = "ENDPOINT_NOT_FOUND" if exc.status_code == 404 else "BAD_REQUEST"
+        return MlflowError(status, str(exc.detail))
+    return None
+
+
+class MlflowRoute(APIRoute):
+    """A route whose every failure, including auth and validation, answers MLflow's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                known = as_mlflow_error(exc)
+                if known is not None:
+                    return known.response()
+                log.exception("unexpected error in an MLflow route")
+                return MlflowError(
+                    "INTERNAL_ERROR", f"internal error ({type(exc).__name__}); see the server log"
+                ).response()
+
+        return run
+
+
+# -- replies ------------------------------------------------------------------------------
+
+
+def number(value: float | None) -> float | str | None:
+    """A double as protobuf JSON writes it: NaN and the infinities as strings."""
+    if value is None:
+        return None
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def reply(body: Any, status: int = 200) -> Response:
+    data = json.dumps(body, separators=(",", ":"), allow_nan=False)
+    return Response(data, status_code=status, media_type="application/json")
+
+
+def ms(seconds: float | None) -> int | None:
+    return None if seconds is None else round(seconds * 1000)
+
+
+def seconds(value: Any, what: str) -> float | None:
+    """Epoch milliseconds (a number or a decimal string) as epoch seconds."""
+    if value is None or value == "":
+        return None
+    try:
+        return int(value) / 1000.0
+    except (TypeError, ValueError):
+        raise invalid(f"{what} must be epoch milliseconds, got {value!r}") from None
+
+
+# -- arguments ----------------------------------------------------------------------------
+
+
+async def _args(request: Request) -> dict[str, Any]:
+    """Query parameters and the JSON body together (DELETE carries a body too)."""
+    args: dict[str, Any] = {}
+    for key in request.query_params:
+        values = request.query_params.getlist(key)
+        args[key] = values[0] if len(values) == 1 else values
+    if request.method != "GET":
+        raw = await request.body()
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise MlflowError("BAD_REQUEST", "the request body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise MlflowError("BAD_REQUEST", "the request body must be a JSON object")
+            args.update(body)
+    return args
+
+
+Args = Annotated[dict[str, Any], Depends(_args)]
+Store = Annotated[MetadataStore, Depends(get_store)]
+Viewer = Annotated[Principal, Depends(require("viewer"))]
+Operator = Annotated[Principal, Depends(require("operator"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
+
+
+def text_arg(args: dict[str, Any], *names: str, required: bool = True) -> str:
+    """The first of `names` given (MLflow sends run ids as both run_id and run_uuid)."""
+    for name in names:
+        value = args.get(name)
+        if value not in (None, ""):
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise invalid(f"{name} must be a string, got {value!r}")
+            return str(value)
+    if required:
+        raise invalid(f"missing value for required parameter {names[0]!r}")
+    return ""
+
+
+def int_arg(args: dict[str, Any], name: str, default: int, top: int) -> int:
+    value = args.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise invalid(f"{name} must be a whole number, got {value!r}") from None
+    if number < 1 or number > top:
+        raise invalid(f"{name} must be between 1 and {top}, got {number}")
+    return number
+
+
+def list_arg(args: dict[str, Any], name: str) -> list[Any]:
+    value = args.get(name)
+    if value in (None, ""):
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def key_values(args: dict[str, Any], name: str) -> dict[str, str]:
+    """`[{"key": k, "value": v}, ...]` as a dict."""
+    out: dict[str, str] = {}
+    for item in list_arg(args, name):
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+            raise invalid(f"each of {name} must be an object with a string 'key'")
+        value = item.get("value")
+        out[item["key"]] = "" if value is None else str(value)
+    return out
+
+
+def pairs(values: dict[str, str]) -> list[dict[str, str]]:
+    return [{"key": k, "value": v} for k, v in values.items()]
+
+
+# -- page tokens ---------------------------------------------------------------------------
+
+
+def encode_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode()
+
+
+def decode_token(token: Any) -> int:
+    if token in (None, ""):
+        return 0
+    try:
+        offset = json.loads(base64.urlsafe_b64decode(str(token).encode()))["offset"]
+        if isinstance(offset, int) and offset >= 0:
+            return offset
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        pass
+    raise invalid("page_token is not one this server returned")
