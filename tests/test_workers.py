@@ -164,7 +164,8 @@ def test_a_killed_workers_run_is_resumed_by_another_after_its_lease(
     assert handle.result() == sum(range(n))
     check_ran_once_if_recorded(step_runs(out), n, recorded, "the kill")
     item = run_queue_row(handle.id)
-    assert (item.status, item.claims) == ("done", 2), "claimed by the first, then the second"
+    assert item.status == "done"
+    assert item.claims >= 2, "claimed by the first worker, then by the second"
     assert run_row(handle.id).pid == second.pid
     assert second.terminate() == 0, second.report()
 
@@ -234,9 +235,9 @@ def test_a_pool_caps_concurrent_steps_across_workers(backend: str, tmp_path: Pat
     assert result.returncode == 0, result.stderr
     counter = tmp_path / "counter.txt"
     workers = [WorkerProcess(tmp_path, f"w{k}", flows.GPU_QUEUE, concurrency=4) for k in range(2)]
-    handle = InThread(flows.gpu_fanout, counter=str(counter), n=12, hold=0.3).join(*workers)
+    handle = InThread(flows.gpu_fanout, counter=str(counter), n=8, hold=0.8).join(*workers)
     assert handle.status == "SUCCEEDED"
-    assert handle.result() == 12
+    assert handle.result() == 8
     now, peak = flows.read_peak(str(counter))
     assert now == 0
     assert peak == 2, f"at most {peak} steps of pool gpu ran at once; the cap is 2"
