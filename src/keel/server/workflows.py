@@ -247,33 +247,32 @@ class Runner:
         self.lease_seconds = LEASE_SECONDS
         self.id = f"{socket.gethostname()}:{os.getpid()}:server"
         self._keeper: queue.LeaseKeeper | None = None
-        self._threads: dict[str, threading.Thread] = {}
+        self._executing: set[str] = set()
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._retry_lock = threading.Lock()
         self._stop = threading.Event()
 
     def active(self, run_id: str) -> bool:
-        """Whether a thread of this server runs (or follows) the run now."""
+        """Whether a thread of this server is executing the run now."""
         with self._lock:
-            thread = self._threads.get(run_id)
-            return thread is not None and thread.is_alive()
+            return run_id in self._executing
 
     def follow(self, run_id: str) -> None:
         """Claim the queued run (whenever it is due) and run it here until it ends."""
         self._start(run_id, self._follow, run_id)
 
-    def start(self, run_id: str, target: Any, *args: Any) -> None:
-        self._start(run_id, target, *args)
-
     def _start(self, run_id: str, target: Any, *args: Any) -> None:
         with self._lock:
             if self._keeper is None:
                 self._keeper = queue.LeaseKeeper(self.store, self.id, self.lease_seconds)
-            thread = threading.Thread(
-                target=self._guard, args=(run_id, target, *args), name=f"keel-server-{run_id}"
-            )
-            thread.daemon = True
-            self._threads[run_id] = thread
+        thread = threading.Thread(
+            target=self._guard, args=(run_id, target, *args), name=f"keel-server-{run_id}"
+        )
+        thread.daemon = True
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
         thread.start()
 
     def _guard(self, run_id: str, target: Any, *args: Any) -> None:
@@ -281,19 +280,18 @@ class Runner:
             target(*args)
         except Exception as exc:  # the run cannot start here (its code cannot be found...)
             log.error("run %s failed to run in the server: %s", run_id, exc)
-            row = self.store.get_run(run_id)
-            if row is not None and row.status not in FINISHED_RUN:
-                self.store.update_run(
-                    run_id,
-                    status=str(RunStatus.FAILED),
-                    ended_at=time.time(),
-                    error_type=qualified_name(type(exc)),
-                    error_message=exc.message if isinstance(exc, KeelError) else str(exc),
-                )
-        finally:
-            with self._lock:
-                if self._threads.get(run_id) is threading.current_thread():
-                    del self._threads[run_id]
+            try:
+                row = self.store.get_run(run_id)
+                if row is not None and row.status not in FINISHED_RUN:
+                    self.store.update_run(
+                        run_id,
+                        status=str(RunStatus.FAILED),
+                        ended_at=time.time(),
+                        error_type=qualified_name(type(exc)),
+                        error_message=exc.message if isinstance(exc, KeelError) else str(exc),
+                    )
+            except Exception as again:  # the store is gone too: the lease runs out instead
+                log.error("could not record the failure of run %s: %s", run_id, again)
 
     def _follow(self, run_id: str) -> None:
         from keel.engine.api import continue_run, new_session
@@ -311,6 +309,8 @@ class Runner:
                 self._stop.wait(_POLL_SECONDS)
                 continue
             keeper.hold(claim.id)
+            with self._lock:
+                self._executing.add(run_id)
             row = self.store.get_run(run_id)
             session = new_session(store=self.store, executor=row.executor if row else None)
             try:
@@ -321,6 +321,8 @@ class Runner:
             finally:
                 keeper.drop(claim.id)
                 session.close()
+                with self._lock:
+                    self._executing.discard(run_id)
             if outcome.status is not RunStatus.PENDING:
                 queue.complete(self.store, claim.id, self.id)
                 return
@@ -357,9 +359,14 @@ class Runner:
                 time.sleep(0.02)
         raise KeelError(f"the retry of run {run_id} did not start within {timeout:g}s")
 
-    def stop(self) -> None:
-        """Stop following queued runs (running ones finish on their daemon threads)."""
+    def stop(self, wait: float = 0.0) -> None:
+        """Stop following queued runs; wait up to `wait` seconds for running ones."""
         self._stop.set()
+        end = time.monotonic() + wait
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
         if self._keeper is not None:
             self._keeper.stop()
 

@@ -4,6 +4,8 @@ operator's actions: cancel, resume, retry, signal."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -23,7 +25,7 @@ from keel.server.routes.common import (
 from keel.server.workflows import dispatch_of, runner_of
 from keel.status import FINISHED_RUN, RunStatus
 from keel.store import queue
-from keel.store.schema import runs
+from keel.store.schema import runs, tags
 
 router = APIRouter(tags=["runs"])
 
@@ -69,7 +71,21 @@ def run_out(row: Any) -> RunOut:
     return RunOut(**_fields(row))
 
 
-def _fields(row: Any) -> dict[str, Any]:
+def _tracked_tags(conn: sa.Connection, run_ids: list[str]) -> dict[str, dict[str, str]]:
+    """The tags set on runs (keel.set_tag, launch tags), by run id."""
+    out: dict[str, dict[str, str]] = {}
+    if run_ids:
+        rows = conn.execute(
+            sa.select(tags.c.run_id, tags.c.key, tags.c.value).where(
+                tags.c.run_id.in_(run_ids), tags.c.seq == -1
+            )
+        )
+        for r in rows:
+            out.setdefault(r.run_id, {})[r.key] = r.value
+    return out
+
+
+def _fields(row: Any, tracked: dict[str, str] | None = None) -> dict[str, Any]:
     ended = row.ended_at
     return {
         "id": row.id,
@@ -78,7 +94,7 @@ def _fields(row: Any) -> dict[str, Any]:
         "kind": row.kind,
         "status": row.status,
         "params": loads(row.params, {}),
-        "tags": {str(k): str(v) for k, v in loads(row.tags, {}).items()},
+        "tags": {**{str(k): str(v) for k, v in loads(row.tags, {}).items()}, **(tracked or {})},
         "parent_id": row.parent_id,
         "retry_of": row.retry_of,
         "experiment_id": row.experiment_id,
@@ -165,10 +181,11 @@ def list_runs(
         stmt = stmt.with_hint(runs, "INDEXED BY ix_keel_runs_created", "sqlite")
     with store.engine.connect() as conn:
         rows = conn.execute(stmt.limit(limit + 1)).all()
-    more = len(rows) > limit
-    rows = rows[:limit]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        tracked = _tracked_tags(conn, [r.id for r in rows])
     return RunPage(
-        runs=[RunOut(**_fields(r)) for r in rows],
+        runs=[RunOut(**_fields(r, tracked.get(r.id))) for r in rows],
         next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
     )
 
@@ -178,6 +195,7 @@ def get_run(run_id: str, _: Viewer, store: Store) -> RunDetail:
     """One run; `run_id` may be an unambiguous prefix of the id."""
     row = get_run_row(store, run_id)
     with store.engine.connect() as conn:
+        tracked = _tracked_tags(conn, [row.id]).get(row.id)
         children = list(
             conn.execute(
                 sa.select(runs.c.id)
@@ -187,7 +205,10 @@ def get_run(run_id: str, _: Viewer, store: Store) -> RunDetail:
             ).scalars()
         )
     return RunDetail(
-        **_fields(row), traceback=row.traceback, result_type=row.result_type, children=children
+        **_fields(row, tracked),
+        traceback=row.traceback,
+        result_type=row.result_type,
+        children=children,
     )
 
 
@@ -257,9 +278,6 @@ def _top_level(row: Any, verb: str) -> None:
 
 def _owner_alive(row: Any) -> bool:
     """Whether the process recorded as running the run may still be alive."""
-    import os
-    import socket
-
     if row.pid is None:
         return False
     if row.host != socket.gethostname():
@@ -294,7 +312,8 @@ def resume_run(
         return RunAction(run_id=rid, status=row.status, message="the run already succeeded")
     state = request.app.state
     runner = runner_of(state)
-    if runner.active(rid):
+    here = row.pid == os.getpid() and row.host == socket.gethostname()
+    if runner.active(rid) or (row.status == RunStatus.RUNNING and here):
         raise ApiError(409, "conflict", f"run {rid} is running in this server", {"run_id": rid})
     if row.status == RunStatus.RUNNING and not force and _owner_alive(row):
         raise ApiError(
