@@ -14,6 +14,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+from keel.scheduler.worker import Worker
+from keel.store.metadata import open_store
+from keel.store.schema import runs
 from server_support import (
     assert_error,
     client,
@@ -24,11 +29,6 @@ from server_support import (
     wait_status,
     wait_until,
 )
-from starlette.testclient import TestClient
-
-from keel.scheduler.worker import Worker
-from keel.store.metadata import open_store
-from keel.store.schema import runs
 
 
 @pytest.fixture
@@ -318,7 +318,7 @@ def test_log_tail_ends_with_the_run(api: TestClient) -> None:
         assert "event: log" not in "".join(reply.iter_text())
 
 
-# -- actions -----------------------------------------------------------------------------------------
+# -- actions ------------------------------------------------------------------------------
 
 
 def test_cancel_then_resume_without_rerunning_recorded_steps(api: TestClient) -> None:
@@ -436,7 +436,7 @@ def test_signal_wakes_a_waiting_run(api: TestClient) -> None:
     assert_error(api.post(f"/api/v1/runs/{rid}/signal", json={}), 422)
 
 
-# -- auth, roles and the audit log ------------------------------------------------------------------
+# -- auth, roles and the audit log -------------------------------------------------------
 
 
 def test_roles(app: FastAPI) -> None:
