@@ -108,8 +108,7 @@ def server(
         fail(
             f"refusing to listen on {host}: no API token exists, so anyone who can reach "
             "this address could read and start runs",
-            hint="Create one first (keel token create NAME --role admin), or listen on "
-            "127.0.0.1",
+            hint="Create one first (keel token create NAME --role admin), or listen on 127.0.0.1",
             code=EXIT_USAGE,
         )
     app = build_app(store, list(workflows or []), dispatch)
@@ -132,9 +131,7 @@ def _running(url: str) -> bool:
 def ui(
     ctx: typer.Context,
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = DEFAULT_PORT,
-    open_browser: Annotated[
-        bool, typer.Option("--open/--no-open", help="Open the browser")
-    ] = True,
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the browser")] = True,
     workflows: Annotated[
         list[str] | None,
         typer.Option("--workflows", "-w", metavar="REF", help="As for keel server"),
