@@ -11,6 +11,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from starlette.requests import Request
+from starlette.routing import Match, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
@@ -54,6 +56,27 @@ class _StaticFiles(StaticFiles):
         await super().__call__(scope, receive, send_with_headers)
 
 
+# Paths that are never pages: their unknown URLs keep their own JSON 404 replies.
+_NOT_PAGES = ("/api/", "/ajax-api/", "/static/", "/mlflow-artifacts/")
+
+
+class _PageFallback(Route):
+    """Any other GET of a path that no route answers: the shell with status 404, so a
+    mistyped address shows a readable "not found" page. It matches nothing else (no
+    other method, no API path), so it changes no reply of the APIs."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or scope.get("method") not in ("GET", "HEAD")
+            or path.startswith(_NOT_PAGES)
+            or path in ("/api", "/ajax-api", "/static")
+        ):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
 def shell() -> str:
     html = (STATIC / "index.html").read_text(encoding="utf-8")
     return html.replace("{{version}}", __version__)
@@ -63,17 +86,20 @@ def mount(app: FastAPI) -> None:
     """Serve the UI from `app`: the shell at each page's path, the files under /static."""
     page = shell()
 
+    headers = {
+        "cache-control": "no-cache",
+        "content-security-policy": _CSP,
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "same-origin",
+    }
+
     async def index() -> HTMLResponse:
-        return HTMLResponse(
-            page,
-            headers={
-                "cache-control": "no-cache",
-                "content-security-policy": _CSP,
-                "x-content-type-options": "nosniff",
-                "referrer-policy": "same-origin",
-            },
-        )
+        return HTMLResponse(page, headers=headers)
+
+    async def not_found(_: Request) -> HTMLResponse:
+        return HTMLResponse(page, status_code=404, headers=headers)
 
     for path in PAGES:
         app.add_api_route(path, index, methods=["GET"], include_in_schema=False)
     app.mount("/static", _StaticFiles(directory=STATIC), name="static")
+    app.router.routes.append(_PageFallback("/{path:path}", not_found, methods=["GET"]))

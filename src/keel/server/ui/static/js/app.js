@@ -2,7 +2,7 @@
 // <main>. Links are ordinary <a href> elements; clicks on same-origin links
 // are handled here (history.pushState) so the shell is loaded once.
 
-import { errorBox } from "./api.js";
+import { ApiError, errorBox } from "./api.js";
 import { announce, clear, h } from "./dom.js";
 
 const ROUTES = [
@@ -117,8 +117,10 @@ async function render({ focus = true } = {}) {
     ctx.runMounted();
   } catch (err) {
     if (gen !== generation) return;
-    console.error(err);
-    clear(main).append(h("h1", { tabindex: "-1" }, "Error"), errorBox(err));
+    if (!(err instanceof ApiError)) console.error(err); // a bug: worth a look in the console
+    const status = err instanceof ApiError && err.status === 404 ? "Not found" : "Error";
+    document.title = `${status} · keel`;
+    clear(main).append(h("h1", { tabindex: "-1" }, status), errorBox(err));
   }
   if (focus) {
     const heading = main.querySelector("h1");

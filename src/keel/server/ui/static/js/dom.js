@@ -17,17 +17,29 @@ function build(node, attrs, children) {
   return node;
 }
 
+const nativeAppend = Element.prototype.append;
+
 export function append(node, children) {
   for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null || child === false) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    nativeAppend.call(node, child instanceof Node ? child : document.createTextNode(String(child)));
   }
   return node;
 }
 
-/** h("a", {href: "/"}, "text", child, [more]) */
+function appendSkippingEmpty(...children) {
+  append(this, children);
+}
+
+/**
+ * h("a", {href: "/"}, "text", child, [more]). Like h's own children, what is later
+ * passed to the element's append() may be nested arrays, and null/undefined/false
+ * are skipped (the DOM's append would show them as text).
+ */
 export function h(tag, attrs, ...children) {
-  return build(document.createElement(tag), attrs, children);
+  const node = build(document.createElement(tag), attrs, children);
+  node.append = appendSkippingEmpty;
+  return node;
 }
 
 /** The same for SVG elements. */

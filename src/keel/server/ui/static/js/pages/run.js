@@ -71,7 +71,7 @@ export async function render(view, { runId }, ctx) {
     section("Step graph", dag.element, statusLegend()),
     section("Timeline", timelineSlot),
     section("Steps", stepsSlot),
-    h("div", { class: "grid" }, section("Parameters", kvTable(run.params, { caption: "Parameters", empty: "No parameters." })), section("Result", resultSlot)),
+    h("div", { class: "grid" }, section("Parameters", h("div", { id: "run-params" }, kvTable(run.params, { caption: "Parameters", empty: "No parameters." }))), section("Result", resultSlot)),
     dataSlot,
     childrenSlot,
   );

@@ -212,7 +212,7 @@ export function runsTable(rows, { showWorkflow = true } = {}) {
               "td",
               { class: "id" },
               h("a", { href: `/runs/${encodeURIComponent(run.id)}`, title: run.id }, shortId(run.id)),
-              run.run_name ? h("div", { class: "muted" }, run.run_name) : null,
+              run.run_name && run.run_name !== run.workflow ? h("div", { class: "muted" }, run.run_name) : null,
             ),
             h("td", {}, statusBadge(run.status)),
             showWorkflow
