@@ -256,6 +256,19 @@ def test_wait_with_a_timeout_returns_what_is_done(backend: str) -> None:
     assert _run(wf).result() == [1, 1, 1]
 
 
+def test_wait_first_exception(backend: str) -> None:
+    @keel.workflow(name="eng_wait_first_exception")
+    def wf() -> list[Any]:
+        slow = wait_gate.submit("fe", 1)
+        bad = fail.submit(5)
+        done, not_done = keel.wait([slow, bad], return_when="FIRST_EXCEPTION")
+        summary = [[f.key for f in done], [f.key for f in not_done], str(bad.exception())]
+        _gate("fe").set()
+        return [*summary, slow.result()]
+
+    assert _run(wf).result() == [["eng_fail-1"], ["eng_wait_gate-0"], "bad input 5", 1]
+
+
 @keel.task(name="eng_calls_a_task")
 def calls_a_task(x: int) -> int:
     # Inside a step, calling another task is a plain call, not a step of its own.
