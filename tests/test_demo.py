@@ -138,11 +138,6 @@ def reads_upstream() -> str:
     return read_upstream(value, value.key)
 
 
-@pytest.mark.xfail(
-    reason="bug: inside a step, keel.Client does not see the run's finished upstream "
-    "steps until the recorder's next commit (Client reads do not flush, search_runs does)",
-    strict=True,
-)
 def test_a_step_reads_its_finished_upstream_step(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEEL_FLUSH_INTERVAL", "2")
     handle = keel.run(reads_upstream)

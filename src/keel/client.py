@@ -299,6 +299,9 @@ class Client:
         include_children: bool = False,
     ) -> list[Run]:
         """Runs, newest first."""
+        from keel.store.recorder import flush_pending
+
+        flush_pending(self.store)
         rows = self.store.list_runs(
             workflow=workflow, status=status, top_level=not include_children, limit=limit
         )
@@ -311,6 +314,9 @@ class Client:
         return list_experiments(self.store)
 
     def run(self, run_id: str) -> Run:
+        from keel.store.recorder import flush_pending
+
+        flush_pending(self.store)
         rid = self.store.resolve_run_id(run_id)
         row = self.store.get_run(rid)
         assert row is not None

@@ -113,11 +113,15 @@ def continue_run(
     store = session.store
     row = store.get_run(run_id)
     assert row is not None
+    if row.status in FINISHED_RUN and row.status != RunStatus.FAILED:
+        # Cancelled (or finished) while it waited in the queue: nothing to do.
+        return RunOutcome(run_id, RunStatus(row.status))
     wf = workflow or locate_workflow(row.workflow, row.entrypoint)
     params = wf.validate(json.loads(row.params or "{}"))
     recorded = {step.seq: step for step in store.load_steps(run_id)}
     store.update_run(
         run_id,
+        started_at=row.started_at or time.time(),
         status=str(RunStatus.RUNNING),
         cancel_requested=False,
         ended_at=None,
@@ -348,7 +352,10 @@ def cancel(run_id: str, *, store: MetadataStore | None = None) -> str:
     if row.status in FINISHED_RUN:
         return str(row.status)
     store.request_cancel(rid)
-    if not _owner_alive(row) and row.pid != os.getpid():
+    if row.status == RunStatus.PENDING:
+        # Waiting in the queue (submitted, parked): no process runs it; stop it here.
+        queue.drop_run(store, rid)
+    if row.status == RunStatus.PENDING or (not _owner_alive(row) and row.pid != os.getpid()):
         store.update_run(
             rid,
             status=str(RunStatus.CANCELLED),

@@ -123,6 +123,16 @@ def enqueue(
         _insert_ignore(store, conn, row)
 
 
+def drop_run(store: MetadataStore, run_id: str) -> None:
+    """Take a run's entry off the queue (the run was cancelled while it waited)."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            queue_items.update()
+            .where(queue_items.c.dedupe == f"run:{run_id}", queue_items.c.status != DONE)
+            .values(status=DONE, done_at=time.time(), claimed_by=None, lease_until=None)
+        )
+
+
 def wake_run(store: MetadataStore, run_id: str) -> None:
     """Make a queued (suspended) run claimable now, e.g. when a signal arrives."""
     with store.engine.begin() as conn:
@@ -167,19 +177,27 @@ def claim(
     """Take the most urgent claimable item of the given queues, or None."""
     now = time.time()
     with store.engine.begin() as conn:
+        if store.dialect != "postgresql":
+            # Take SQLite's write lock now, so the check and the claim below are one
+            # serialized transaction (no other process can claim in between).
+            conn.exec_driver_sql("UPDATE keel_queue SET id = id WHERE 0")
+        # Items of pools that are full now are left out of the scan, so a long queue
+        # of them (a big backfill) cannot hide the claimable items behind it.
+        full = _full_pools(conn, now)
+        condition = _claimable(now, queues, kinds)
+        if full:
+            condition = sa.and_(
+                condition,
+                sa.or_(queue_items.c.pool.is_(None), queue_items.c.pool.notin_(sorted(full))),
+            )
         stmt = (
             sa.select(queue_items.c.id, queue_items.c.pool)
-            .where(_claimable(now, queues, kinds))
+            .where(condition)
             .order_by(queue_items.c.priority.desc(), queue_items.c.id)
             .limit(limit_scan)
         )
         if store.dialect == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
-        else:
-            # Take SQLite's write lock now, so the check and the claim below are one
-            # serialized transaction (no other process can claim in between).
-            conn.exec_driver_sql("UPDATE keel_queue SET id = id WHERE 0")
-        full: set[str] = set()
         for item_id, pool in conn.execute(stmt).all():
             if pool is not None and (pool in full or not _pool_has_room(store, conn, pool, now)):
                 full.add(pool)
@@ -193,6 +211,25 @@ def claim(
             if row is not None:
                 return Claim(*row)
     return None
+
+
+def _full_pools(conn: sa.Connection, now: float) -> set[str]:
+    held = (
+        sa.select(queue_items.c.pool, sa.func.count().label("held"))
+        .where(
+            queue_items.c.pool.is_not(None),
+            queue_items.c.status == CLAIMED,
+            queue_items.c.lease_until >= now,
+        )
+        .group_by(queue_items.c.pool)
+        .subquery()
+    )
+    rows = conn.execute(
+        sa.select(pools.c.name)
+        .join(held, held.c.pool == pools.c.name)
+        .where(held.c.held >= pools.c.slots)
+    )
+    return {r[0] for r in rows}
 
 
 def _pool_has_room(store: MetadataStore, conn: sa.Connection, pool: str, now: float) -> bool:

@@ -234,3 +234,11 @@ def recorder_for(store: MetadataStore) -> Recorder:
         if rec is None:
             rec = _recorders[id(store)] = Recorder(store)
         return rec
+
+
+def flush_pending(store: MetadataStore) -> None:
+    """Make what this process recorded to `store` visible to its own reads (a Client
+    inside a step reading the steps its run just finished). Free when idle."""
+    rec = _recorders.get(id(store))
+    if rec is not None and rec._thread is not None:
+        rec.flush()
