@@ -219,7 +219,9 @@ class Page:
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
     def text(self, css: str) -> str:
-        return str(self.find(css).text)
+        """The element's text (read again if a live redraw replaced the element)."""
+        found = self.wait(lambda: (self.driver.find_element(By.CSS_SELECTOR, css).text,), css)
+        return str(found[0])
 
     def shot(self, name: str) -> Path:
         path = _output_dir() / f"{name}.png"
@@ -243,7 +245,7 @@ def test_runs_list_shows_runs_with_their_status(page: Page) -> None:
     for key in ("train_a", "train_b", "train_c", "register"):
         ok = page.find(f"tr[data-run-id='{runs[key]}']")
         assert ok.get_attribute("data-status") == "SUCCEEDED"
-    assert "ui_train" in page.find(f"tr[data-run-id='{runs['train_a']}']").text
+    assert "ui_train" in page.text(f"tr[data-run-id='{runs['train_a']}']")
     page.shot("runs")
 
     # The status filter goes to the server and into the URL.
@@ -297,7 +299,7 @@ def test_run_page_draws_the_dag_with_statuses(page: Page) -> None:
         assert "succeeded" in _classes(node)
         assert node.get_attribute("data-status") == "SUCCEEDED"
     assert len(page.all(".dag path.edge")) == 2  # prepare -> train -> report
-    assert page.find("#run-status .badge").text == "succeeded"
+    assert page.text("#run-status .badge") == "succeeded"
     assert len(page.all("#run-timeline .gantt .span")) == 3
     assert "final loss" in page.text("#run-result")
     assert "lr" in page.text("#run-params") and "0.1" in page.text("#run-params")
@@ -366,7 +368,7 @@ def test_a_running_run_updates_live(page: Page, tmp_path: Path) -> None:
         page.wait(
             lambda: len(page.all(".dag .node.running[data-key^='gate-']")) == 3, "running nodes"
         )
-        assert page.find("#run-status .badge").text == "running"
+        assert page.text("#run-status .badge") == "running"
         page.shot("run-live-running")
 
         flag.write_text("go")
@@ -538,3 +540,31 @@ def test_keyboard_basics(page: Page) -> None:
         ".map(e => e.id || e.name)"
     )
     assert unlabeled == []
+
+
+# -- API tokens ----------------------------------------------------------------------------
+
+
+def test_a_server_with_tokens_asks_for_one(page: Page) -> None:
+    """Once a token exists the API refuses anonymous calls: the page says so and takes
+    a token; a viewer's token reads but cannot launch (the 403 is shown)."""
+    from keel.server.auth import create_token, revoke_token
+    from keel.store.metadata import open_store
+
+    store = open_store()
+    secret = create_token(store, "ui-viewer", "viewer")
+    try:
+        page.open("/")
+        alert = page.find("[role=alert]")
+        assert "API token" in alert.text
+        page.find("#api-token").send_keys(secret)
+        page.find(".token-form button[type=submit]").click()
+        page.find(f"tr[data-run-id='{page.site.runs['broken']}']")
+
+        page.open("/launch?workflow=ui_launch")
+        page.find("#p-count").send_keys("1")
+        page.find("#launch-form button[type=submit]").click()
+        page.wait(lambda: "operator" in page.text("#launch-errors"), "the 403 message")
+    finally:
+        revoke_token(store, "ui-viewer")
+        page.driver.execute_script("window.localStorage.clear()")

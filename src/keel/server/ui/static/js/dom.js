@@ -178,3 +178,17 @@ export function section(title, ...children) {
 export function emptyState(text) {
   return h("p", { class: "empty" }, text);
 }
+
+/** Run `draw`, then give the focus back to the same link or control if it was inside `root`. */
+export function keepFocus(root, draw) {
+  const active = document.activeElement;
+  const inside = active && active !== document.body && root.contains(active);
+  const key = inside ? active.getAttribute("href") || active.id || active.textContent : null;
+  draw();
+  if (!inside || root.contains(active)) return;
+  const again = [...root.querySelectorAll("a, button, input, select, [tabindex]")].find(
+    (el) => (el.getAttribute("href") || el.id || el.textContent) === key,
+  );
+  if (again) again.focus({ preventScroll: true });
+}
+

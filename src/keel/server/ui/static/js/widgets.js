@@ -1,7 +1,7 @@
 // Pieces several pages use: key/value tables, value previews, action buttons,
 // sortable tables.
 
-import { ApiError, errorBox, get, post } from "./api.js";
+import { ApiError, errorBox, get, post, token } from "./api.js";
 import { announce, clear, fmtBytes, fmtNumber, fmtValue, h } from "./dom.js";
 
 /** A two-column table of an object's entries (params, tags, metrics). */
@@ -53,10 +53,36 @@ export function previewView(p, { downloadUrl, name } = {}) {
       "p",
       { class: "muted" },
       meta.join(" · "),
-      downloadUrl ? [" · ", h("a", { href: downloadUrl, download: name || "" }, "Download")] : null,
+      downloadUrl ? [" · ", downloadLink(downloadUrl, name, "Download")] : null,
     ),
   );
   return out;
+}
+
+/**
+ * A link that downloads `url`. With an API token set, a plain link would not send
+ * it, so the file is fetched with the token and saved from memory.
+ */
+export function downloadLink(url, name, text) {
+  const a = h("a", { href: url, download: name || "" }, text);
+  a.addEventListener("click", async (e) => {
+    if (!token()) return;
+    e.preventDefault();
+    try {
+      const response = await fetch(url, { headers: { Authorization: `Bearer ${token()}` } });
+      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+      const blobUrl = URL.createObjectURL(await response.blob());
+      const save = h("a", { href: blobUrl, download: name || "" });
+      document.body.append(save);
+      save.click();
+      save.remove();
+      window.setTimeout(() => URL.revokeObjectURL(blobUrl), 10000);
+    } catch (err) {
+      announce(`Download failed: ${err.message}`);
+      a.after(h("span", { class: "error", role: "alert" }, ` download failed: ${err.message}`));
+    }
+  });
+  return a;
 }
 
 export function dataTable(columns, rows) {

@@ -7,8 +7,10 @@ import {
   clear,
   duration,
   facts,
+  fmtBytes,
   fmtDuration,
   h,
+  keepFocus,
   section,
   statusBadge,
   tagChips,
@@ -16,7 +18,7 @@ import {
 } from "../dom.js";
 import { follow } from "../live.js";
 import { timeline } from "../timeline.js";
-import { actionButton, kvTable, loadPreview, metricEntries } from "../widgets.js";
+import { actionButton, downloadLink, kvTable, loadPreview, metricEntries } from "../widgets.js";
 
 async function allSteps(runId) {
   const steps = [];
@@ -212,7 +214,7 @@ export async function render(view, { runId }, ctx) {
         parts.push(
           section(
             "Logged files",
-            h("ul", {}, artifacts.map((a) => h("li", {}, h("a", { href: a.content_url, download: a.path.split("/").pop() }, a.path), ` (${a.kind}, ${a.size} bytes)`))),
+            h("ul", {}, artifacts.map((a) => h("li", {}, downloadLink(a.content_url, a.path.split("/").pop(), a.path), ` (${a.kind}, ${fmtBytes(a.size)})`))),
           ),
         );
       }
@@ -231,13 +233,29 @@ export async function render(view, { runId }, ctx) {
     }
   }
 
+  // Redraws keep the keyboard focus where it was, and parts that did not change
+  // are left alone (a live run redraws often).
+  const drawn = {};
+  function changed(part, signature) {
+    if (drawn[part] === signature) return false;
+    drawn[part] = signature;
+    return true;
+  }
   function drawAll() {
-    clear(badge).append(statusBadge(run.status));
-    drawActions();
-    drawSummary();
+    const live = !FINISHED.has(run.status);
+    if (changed("status", `${run.status}|${run.cancel_requested}`)) {
+      clear(badge).append(statusBadge(run.status));
+      keepFocus(actions, drawActions);
+    }
+    const stepSig = steps.map((st) => `${st.seq}:${st.status}:${st.attempts}:${st.ended_at}`).join(",");
+    // While the run goes on, durations move: redraw those at most once a second.
+    const tick = live ? Math.floor(Date.now() / 1000) : 0;
+    if (changed("summary", `${run.status}|${run.started_at}|${run.ended_at}|${run.error_message}|${stepSig}|${tick}`)) {
+      keepFocus(summary, drawSummary);
+    }
     dag.update(steps);
-    drawSteps();
-    drawChildren();
+    if (changed("steps", stepSig)) keepFocus(view, drawSteps);
+    if (changed("children", (run.children || []).join(","))) keepFocus(childrenSlot, drawChildren);
   }
 
   let shownStatus = run.status;
@@ -258,6 +276,66 @@ export async function render(view, { runId }, ctx) {
   drawAll();
   drawResult();
   drawData();
+  ctx.every(1000, () => {
+    if (!FINISHED.has(run.status)) drawAll(); // running durations move on
+  });
+
+  // Live updates from the event stream are applied in place: a step event patches
+  // that step (a new step, or a new attempt, is fetched alone); a run event patches
+  // the run. Only a finished run is read again whole (for its result and error).
+  let frame = 0;
+  function scheduleDraw() {
+    if (frame) return;
+    frame = window.requestAnimationFrame(() => {
+      frame = 0;
+      if (ctx.alive()) drawAll();
+    });
+  }
+  let fetchingNew = null;
+  function fetchNewSteps() {
+    if (fetchingNew) return;
+    const after = steps.length ? Math.max(...steps.map((st) => st.seq)) : undefined;
+    fetchingNew = get(`/runs/${seg(run.id)}/steps`, { after, limit: 5000 })
+      .then((page) => {
+        const known = new Set(steps.map((st) => st.seq));
+        steps = [...steps, ...page.steps.filter((st) => !known.has(st.seq))].sort((a, b) => a.seq - b.seq);
+        scheduleDraw();
+        if (page.next_after !== null && page.next_after !== undefined) window.setTimeout(fetchNewSteps, 0);
+      })
+      .catch(() => {})
+      .finally(() => {
+        fetchingNew = null;
+      });
+  }
+  function onEvent(kind, data) {
+    if (data.run_id !== run.id) return true; // a child run: its own page shows it
+    if (kind === "run") {
+      if (FINISHED.has(data.status)) return false; // read it whole: result, traceback
+      for (const k of ["status", "started_at", "ended_at", "error_type", "error_message"]) run[k] = data[k];
+      scheduleDraw();
+      return true;
+    }
+    const i = steps.findIndex((st) => st.seq === data.seq);
+    if (i < 0) {
+      fetchNewSteps();
+      return true;
+    }
+    const st = { ...steps[i] };
+    const newAttempt = data.attempts !== st.attempts;
+    for (const k of ["status", "attempts", "started_at", "ended_at", "child_run_id", "cached_from"]) st[k] = data[k];
+    st.duration = st.started_at !== null && st.ended_at !== null ? st.ended_at - st.started_at : null;
+    steps = steps.map((x, j) => (j === i ? st : x));
+    scheduleDraw();
+    if (newAttempt || FINISHED.has(st.status)) {
+      get(`/runs/${seg(run.id)}/steps/${st.seq}`)
+        .then((fresh) => {
+          steps = steps.map((x) => (x.seq === fresh.seq ? fresh : x));
+          scheduleDraw();
+        })
+        .catch(() => {});
+    }
+    return true;
+  }
 
   let following = false;
   function startFollow() {
@@ -272,6 +350,7 @@ export async function render(view, { runId }, ctx) {
         return done;
       },
       liveLabel,
+      { onEvent },
     );
   }
   ctx.afterMount(() => {

@@ -8,6 +8,7 @@ import {
   duration,
   fmtDuration,
   h,
+  keepFocus,
   shortId,
   statusBadge,
   tagChips,
@@ -108,7 +109,17 @@ export async function render(view, _params, ctx) {
     return text ? `/?${text}` : "/";
   }
 
+  let shown = null;
   function draw(page) {
+    // The refresh redraws only when something changed, keeping the focus in place.
+    const running = (page.runs || []).some((r) => r.status === "RUNNING");
+    const signature = JSON.stringify(page) + (running ? Math.floor(Date.now() / 3000) : "");
+    if (signature === shown) return;
+    shown = signature;
+    keepFocus(results, () => fill(page));
+  }
+
+  function fill(page) {
     clear(results);
     const rows = page.runs || [];
     if (!rows.length) {
