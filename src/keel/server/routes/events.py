@@ -108,11 +108,15 @@ class Watcher:
                 for row in conn.execute(sa.select(*_RUN_COLUMNS).where(runs.c.id.in_(chunk))):
                     found[row.id] = row
             changed: set[str] = set()
+            moved: list[tuple[str, dict[str, Any]]] = []
             for row in found.values():
                 known = self.runs.get(row.id)
                 if known is None or known[0] != row.status:
                     changed.add(row.id)
-                    events.append(("run", _run_event(row, known[0] if known else None)))
+                    # A new run comes before its steps; a change after them (a run
+                    # ends once its steps have).
+                    into = events if known is None else moved
+                    into.append(("run", _run_event(row, known[0] if known else None)))
                 self.runs[row.id] = (row.status, row.created_at)
             watched = sorted(changed | {r for r, row in found.items() if row.status in ACTIVE})
             for chunk in _chunks(watched):
@@ -132,7 +136,7 @@ class Watcher:
                         self.steps[key] = (s.status, s.attempts)
         self._forget(floor)
         self.last = now
-        return events
+        return events + moved
 
     def _forget(self, floor: float) -> None:
         """Drop finished runs that no query of the next look would return."""

@@ -25,6 +25,7 @@ from keel.server.routes.common import (
 from keel.server.workflows import dispatch_of, runner_of
 from keel.status import FINISHED_RUN, RunStatus
 from keel.store import queue
+from keel.store.metadata import MetadataStore
 from keel.store.schema import runs, tags
 
 router = APIRouter(tags=["runs"])
@@ -124,6 +125,60 @@ def _like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def list_statement(
+    store: MetadataStore,
+    *,
+    workflow: str | None = None,
+    status: list[str] | None = None,
+    kind: str | None = None,
+    experiment_id: int | None = None,
+    parent_id: str | None = None,
+    include_children: bool = False,
+    q: str | None = None,
+    after: tuple[Any, ...] | None = None,
+) -> sa.Select[Any]:
+    """The keyset query of a page of runs (without its LIMIT): newest first, after the
+    (created_at, id) of the previous page's last run."""
+    stmt = sa.select(*_LIST_COLUMNS).order_by(runs.c.created_at.desc(), runs.c.id.desc())
+    if workflow is not None:
+        stmt = stmt.where(runs.c.workflow == workflow)
+    if status:
+        column: Any = runs.c.status
+        if store.dialect == "sqlite" and workflow is None and experiment_id is None:
+            # Left to itself SQLite reads the status index and sorts every matching run;
+            # on an expression it walks the creation-time index backwards instead and
+            # stops at the page's end. (PostgreSQL's planner makes that choice alone.)
+            column = runs.c.status.concat("")
+        stmt = stmt.where(column.in_(status))
+    if kind is not None:
+        stmt = stmt.where(runs.c.kind == kind)
+    if experiment_id is not None:
+        stmt = stmt.where(runs.c.experiment_id == experiment_id)
+    if parent_id is not None:
+        stmt = stmt.where(runs.c.parent_id == parent_id)
+    elif not include_children:
+        stmt = stmt.where(runs.c.parent_id.is_(None))
+    if q:
+        text = q.strip()
+        pattern = f"%{_like(text)}%"
+        stmt = stmt.where(
+            sa.or_(
+                runs.c.id.startswith(text, autoescape=True),
+                runs.c.workflow.like(pattern, escape="\\"),
+                runs.c.run_name.like(pattern, escape="\\"),
+            )
+        )
+    if after is not None:
+        created_at, run_id = after
+        stmt = stmt.where(
+            sa.or_(
+                runs.c.created_at < created_at,
+                sa.and_(runs.c.created_at == created_at, runs.c.id < run_id),
+            )
+        )
+    return stmt
+
+
 @router.get("/runs", response_model=RunPage)
 def list_runs(
     _: Viewer,
@@ -144,41 +199,17 @@ def list_runs(
     """Runs, newest first (by creation time, then id). Pass `next_cursor` back as
     `cursor` for the next page. Without `parent_id` or `include_children`, only
     top-level runs (not child runs) are listed."""
-    stmt = sa.select(*_LIST_COLUMNS).order_by(runs.c.created_at.desc(), runs.c.id.desc())
-    if workflow is not None:
-        stmt = stmt.where(runs.c.workflow == workflow)
-    if status:
-        stmt = stmt.where(runs.c.status.in_([str(s) for s in status]))
-    if kind is not None:
-        stmt = stmt.where(runs.c.kind == kind)
-    if experiment_id is not None:
-        stmt = stmt.where(runs.c.experiment_id == experiment_id)
-    if parent_id is not None:
-        stmt = stmt.where(runs.c.parent_id == parent_id)
-    elif not include_children:
-        stmt = stmt.where(runs.c.parent_id.is_(None))
-    if q:
-        text = q.strip()
-        pattern = f"%{_like(text)}%"
-        stmt = stmt.where(
-            sa.or_(
-                runs.c.id.startswith(text, autoescape=True),
-                runs.c.workflow.like(pattern, escape="\\"),
-                runs.c.run_name.like(pattern, escape="\\"),
-            )
-        )
-    if cursor is not None:
-        created_at, run_id = decode_cursor(cursor, (float, str))
-        stmt = stmt.where(
-            sa.or_(
-                runs.c.created_at < created_at,
-                sa.and_(runs.c.created_at == created_at, runs.c.id < run_id),
-            )
-        )
-    if store.dialect == "sqlite":
-        # Walk the creation-time index backwards and stop at the page's end: without
-        # the hint SQLite may pick the status index and sort every matching run.
-        stmt = stmt.with_hint(runs, "INDEXED BY ix_keel_runs_created", "sqlite")
+    stmt = list_statement(
+        store,
+        workflow=workflow,
+        status=[str(s) for s in status or ()],
+        kind=kind,
+        experiment_id=experiment_id,
+        parent_id=parent_id,
+        include_children=include_children,
+        q=q,
+        after=tuple(decode_cursor(cursor, (float, str))) if cursor is not None else None,
+    )
     with store.engine.connect() as conn:
         rows = conn.execute(stmt.limit(limit + 1)).all()
         more = len(rows) > limit
