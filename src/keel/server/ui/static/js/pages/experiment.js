@@ -140,7 +140,10 @@ export async function render(view, { experimentId }, ctx) {
       key: "run",
       label: "Run",
       value: (r) => runRef(r),
-      cell: (r) => h("a", { href: refHref(runRef(r)), class: "mono", title: runRef(r) }, r.step_key ? `${shortId(r.run_id)} / ${r.step_key}` : shortId(r.run_id)),
+      cell: (r) =>
+        r.step_key
+          ? [h("a", { href: refHref(runRef(r)), title: runRef(r) }, r.step_key), h("div", { class: "muted mono small" }, `run …${r.run_id.slice(-6)}`)]
+          : h("a", { href: refHref(runRef(r)), class: "mono", title: r.run_id }, shortId(r.run_id)),
     },
     { key: "status", label: "Status", value: (r) => r.status, cell: (r) => statusBadge(r.status) },
     { key: "name", label: "Name", value: (r) => r.run_name || "", cls: "col-opt" },
@@ -206,8 +209,13 @@ export async function render(view, { experimentId }, ctx) {
     for (const key of keys) {
       const withKey = having(key);
       if (!withKey.length) continue;
+      // Steps of one run are told apart by their keys alone.
+      const oneRun = new Set(withKey.map((ref) => ref.split("/")[0])).size === 1;
       const series = await Promise.all(
-        withKey.map(async (ref) => ({ label: labelOf(byRef.get(ref)), points: await historyOf(ref, key).catch(() => []) })),
+        withKey.map(async (ref) => {
+          const r = byRef.get(ref);
+          return { label: oneRun && r.step_key ? r.step_key : labelOf(r), points: await historyOf(ref, key).catch(() => []) };
+        }),
       );
       if (gen !== chartGen || !ctx.alive()) return;
       made.push(metricChart(key, series));
