@@ -527,3 +527,56 @@ def test_tokens_and_roles(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
         seen = {(r.actor, r.path, r.status) for r in rows}
     assert ("mlf-operator", "/api/2.0/mlflow/runs/log-metric", 200) in seen
     assert ("mlf-viewer", "/api/2.0/mlflow/runs/log-metric", 403) in seen
+
+
+# -- the `keel server` command -------------------------------------------------------------------
+
+
+def test_keel_server_command_serves_the_mlflow_api(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real command in its own process: what a user points MLFLOW_TRACKING_URI at."""
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keel", "server", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=os.environ.copy(),
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "keel server did not start"
+            time.sleep(0.1)
+        monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+        mlflow.set_tracking_uri(url)
+        mlflow.set_experiment("mlf-cli")
+        with mlflow.start_run(run_name="from-cli") as run:
+            mlflow.log_param("k", "v")
+            mlflow.log_metric("m", 1.5, step=2)
+            mlflow.log_text("text", "a.txt")
+        client = MlflowClient()
+        got = client.get_run(run.info.run_id)
+        assert (got.data.params, got.data.metrics) == ({"k": "v"}, {"m": 1.5})
+        assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/a.txt") == "text"
+        assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [
+            run.info.run_id
+        ]
+        assert keel.Client().run(run.info.run_id).data.metrics == {"m": 1.5}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
