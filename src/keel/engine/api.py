@@ -106,14 +106,22 @@ _POLL_SECONDS = 0.2
 
 
 def continue_run(
-    session: Session, run_id: str, *, workflow: Workflow[Any, Any] | None = None
+    session: Session,
+    run_id: str,
+    *,
+    workflow: Workflow[Any, Any] | None = None,
+    resuming: bool = False,
 ) -> RunOutcome:
     """Replay a recorded run here until it ends or parks again. The caller must hold
-    the run (its queue claim, or the knowledge that no one else runs it)."""
+    the run (its queue claim, or the knowledge that no one else runs it).
+
+    `resuming`: a user asked to continue it (`keel resume`), so a cancelled run runs
+    again; a run taken from the queue that was cancelled meanwhile does not.
+    """
     store = session.store
     row = store.get_run(run_id)
     assert row is not None
-    if row.status in FINISHED_RUN and row.status != RunStatus.FAILED:
+    if not resuming and row.status in FINISHED_RUN and row.status != RunStatus.FAILED:
         # Cancelled (or finished) while it waited in the queue: nothing to do.
         return RunOutcome(run_id, RunStatus(row.status))
     wf = workflow or locate_workflow(row.workflow, row.entrypoint)
@@ -300,7 +308,7 @@ def resume(
         if row.status == RunStatus.PENDING and queue.item_id_for(store, f"run:{rid}") is not None:
             # Parked or queued: whoever claims it continues it; follow it from here.
             _follow(session, rid, None)
-        elif continue_run(session, rid).status is RunStatus.PENDING:
+        elif continue_run(session, rid, resuming=True).status is RunStatus.PENDING:
             _follow(session, rid, None)
     finally:
         session.close()
