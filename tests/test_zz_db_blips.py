@@ -138,14 +138,6 @@ def test_an_in_process_run_survives_a_postgres_restart(
     assert all("retrying" in r.getMessage() for r in retried), [r.getMessage() for r in retried]
 
 
-@pytest.mark.xfail(
-    reason="bug: QueueExecutor.submit (executors/queue.py) does not retry queue.enqueue / "
-    "queue.item_id_for on OperationalError, so a step submitted while the database is down "
-    "fails and with it the run; and Worker._step_done (scheduler/worker.py) lets the "
-    "OperationalError of queue.complete escape into the ThreadExecutor thread, which dies "
-    "and is never replaced",
-    strict=True,
-)
 def test_a_worker_and_its_coordinator_survive_a_postgres_restart(
     blip_pg: str, tmp_path: Path
 ) -> None:
@@ -173,12 +165,6 @@ def test_a_worker_and_its_coordinator_survive_a_postgres_restart(
     nothing_left_behind()
 
 
-@pytest.mark.xfail(
-    reason="bug: engine/api.py _follow calls queue.claim_run and store.get_run without "
-    "retrying on OperationalError: a foreground keel.run following a parked run raises the "
-    "database error to its caller when the server restarts",
-    strict=True,
-)
 def test_a_foreground_run_following_a_parked_run_survives_a_postgres_restart(
     blip_pg: str,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from keel.store import queue
 from keel.store.config import StoreConfig
 from keel.store.metadata import MetadataStore, open_store
 from keel.store.recorder import recorder_for
+from keel.store.retry import with_retry
 
 
 class RunHandle:
@@ -150,9 +152,12 @@ def _follow(session: Session, run_id: str, workflow: Workflow[Any, Any] | None) 
     keeper = queue.LeaseKeeper(store, me, LEASE_SECONDS)
     try:
         while True:
-            claim = queue.claim_run(store, me, run_id, lease_seconds=LEASE_SECONDS)
+            claim = with_retry(
+                lambda: queue.claim_run(store, me, run_id, lease_seconds=LEASE_SECONDS),
+                what=f"claiming run {run_id}",
+            )
             if claim is None:
-                row = store.get_run(run_id)
+                row = with_retry(lambda: store.get_run(run_id), what=f"reading run {run_id}")
                 if row is None or row.status in FINISHED_RUN:
                     return
                 time.sleep(_POLL_SECONDS)
@@ -163,7 +168,10 @@ def _follow(session: Session, run_id: str, workflow: Workflow[Any, Any] | None) 
             finally:
                 keeper.drop(claim.id)
             if outcome.status is not RunStatus.PENDING:
-                queue.complete(store, claim.id, me)
+                with_retry(
+                    functools.partial(queue.complete, store, claim.id, me),
+                    what=f"completing run {run_id}",
+                )
                 return
     finally:
         keeper.stop()

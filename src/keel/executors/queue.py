@@ -20,6 +20,7 @@ from keel.executors.base import StepCall, StepOutcome, failure
 from keel.store import queue
 from keel.store.config import StoreConfig
 from keel.store.metadata import open_store
+from keel.store.retry import with_retry
 
 _POLL_SECONDS = 0.05
 
@@ -44,7 +45,10 @@ class QueueExecutor:
             StoreConfig.from_env(db_url=call.db_url, artifacts_url=call.artifacts_url)
         )
         self._store = store
-        try:
+        payload = bytes(cloudpickle.dumps(call))
+
+        def put() -> int | None:
+            # Queuing an attempt twice is a no-op, so a retry after a blip is safe.
             queue.enqueue(
                 store,
                 kind="step",
@@ -54,9 +58,12 @@ class QueueExecutor:
                 queue=str(call.options.get("queue") or "default"),
                 pool=call.options.get("pool"),
                 priority=int(call.options.get("priority") or 0),
-                payload=bytes(cloudpickle.dumps(call)),
+                payload=payload,
             )
-            item_id = queue.item_id_for(store, f"step:{call.run_id}:{call.seq}:{call.attempt}")
+            return queue.item_id_for(store, f"step:{call.run_id}:{call.seq}:{call.attempt}")
+
+        try:
+            item_id = with_retry(put, what=f"queuing step {call.key}")
         except KeelError as exc:
             exc.run_id, exc.step_key = call.run_id, call.key
             exc.args = (exc._render(),)

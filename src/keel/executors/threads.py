@@ -14,6 +14,7 @@ releases the GIL) stall completions and make the pool grow up to its maximum.
 from __future__ import annotations
 
 import ctypes
+import logging
 import queue
 import threading
 import time
@@ -43,7 +44,13 @@ class _Slot:
             if self.finished:
                 return False
             self.finished = True
-        self.done(outcome)
+        try:
+            self.done(outcome)
+        except Exception:
+            # A failing callback must not take the pool's thread with it.
+            logging.getLogger("keel.executors").exception(
+                "handling the outcome of step %s failed", self.call.key
+            )
         return True
 
 

@@ -34,6 +34,7 @@ from keel.executors.threads import ThreadExecutor
 from keel.status import RunStatus
 from keel.store import queue
 from keel.store.metadata import MetadataStore, open_store
+from keel.store.retry import with_retry
 from keel.store.schema import workers
 
 log = logging.getLogger("keel.worker")
@@ -66,6 +67,7 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._keeper = queue.LeaseKeeper(self.store, self.id, lease_seconds)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._active: dict[int, queue.Claim] = {}
         self._sessions: dict[int, Session] = {}
         self._lock = threading.Lock()
@@ -76,6 +78,7 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to stop (what SIGTERM does)."""
         self._stop.set()
+        self._wake.set()
 
     def run(self, *, max_items: int | None = None, idle_exit: float | None = None) -> None:
         """Work until stopped (or after `max_items` items / `idle_exit` idle seconds)."""
@@ -101,7 +104,9 @@ class Worker:
                     break
                 if idle_exit is not None and time.monotonic() - last_work > idle_exit:
                     break
-                self._stop.wait(self.poll_seconds)
+                # Sleep until the next poll, or until a slot frees up.
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
         finally:
             self._shutdown()
             self._restore_signal_handlers(previous)
@@ -205,6 +210,7 @@ class Worker:
             self._active.pop(claim.id, None)
             self._sessions.pop(claim.id, None)
             self.completed += 1
+        self._wake.set()
 
     def _run_claimed(self, claim: queue.Claim) -> None:
         session = new_session(store=self.store)
@@ -213,7 +219,10 @@ class Worker:
         try:
             outcome = continue_run(session, claim.run_id)
             if outcome.status is not RunStatus.PENDING:
-                queue.complete(self.store, claim.id, self.id)
+                with_retry(
+                    lambda: queue.complete(self.store, claim.id, self.id),
+                    what=f"completing run {claim.run_id}",
+                )
         except Exception as exc:
             # The run cannot even start here (its code cannot be found...): record why.
             log.error("run %s failed to start on worker %s: %s", claim.run_id, self.id, exc)
@@ -249,6 +258,12 @@ class Worker:
             outcome.error = None
             data = cloudpickle.dumps(outcome)
         try:
-            queue.complete(self.store, claim.id, self.id, bytes(data))
+            with_retry(
+                lambda: queue.complete(self.store, claim.id, self.id, bytes(data)),
+                what=f"reporting step {claim.run_id}/{claim.seq}",
+            )
+        except Exception:
+            # Given up: the claim's lease runs out and another worker runs the step again.
+            log.exception("could not report step %s/%s", claim.run_id, claim.seq)
         finally:
             self._finished(claim)

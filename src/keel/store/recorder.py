@@ -20,12 +20,12 @@ import sqlalchemy as sa
 
 from keel.errors import StoreUnavailableError
 from keel.store.metadata import Batch, MetadataStore
+from keel.store.retry import RETRY_SECONDS
 
 log = logging.getLogger("keel.recorder")
 
 _MAX_BATCH_EVENTS = 50_000
 _CANCEL_POLL_SECONDS = 0.5
-_WRITE_RETRY_SECONDS = 60.0
 
 
 class Recorder:
@@ -188,7 +188,7 @@ class Recorder:
                 self._poll_cancel()
 
     def _write(self, batch: Batch) -> None:
-        deadline = time.monotonic() + _WRITE_RETRY_SECONDS
+        deadline = time.monotonic() + RETRY_SECONDS
         delay = 0.05
         while True:
             try:
