@@ -26,14 +26,22 @@ def _not_covered(rest: str, request: Request) -> Response:
     )
 
 
+def _combined(*routers: APIRouter) -> APIRouter:
+    out = APIRouter(route_class=MlflowRoute)
+    for router in routers:
+        out.include_router(router)
+    out.include_router(_unknown)  # last: what no route above answers
+    return out
+
+
 def install(app: FastAPI) -> None:
-    """Mount the MLflow routes on `app`."""
+    """Mount the MLflow routes on `app`, each prefix as one mount: a request elsewhere
+    (the UI, /api/v1) is not matched against every MLflow route first."""
+    api = _combined(
+        experiments.router, runs.router, data.router, logged_models.router, registry.router
+    )
+    files = _combined(artifacts.router)
     for base in ("/api/2.0", "/ajax-api/2.0"):
-        for module in (experiments, runs, data, logged_models, registry):
-            app.include_router(module.router, prefix=f"{base}/mlflow", include_in_schema=False)
-        app.include_router(
-            artifacts.router, prefix=f"{base}/mlflow-artifacts", include_in_schema=False
-        )
-        for prefix in ("mlflow", "mlflow-artifacts"):
-            app.include_router(_unknown, prefix=f"{base}/{prefix}", include_in_schema=False)
-    app.include_router(artifacts.info_router, prefix="/api/3.0/mlflow", include_in_schema=False)
+        app.mount(f"{base}/mlflow", api)
+        app.mount(f"{base}/mlflow-artifacts", files)
+    app.mount("/api/3.0/mlflow", _combined(artifacts.info_router))
