@@ -208,8 +208,11 @@ class Page:
             return WebDriverWait(self.driver, WAIT, poll_frequency=0.05).until(check)
         except TimeoutException:
             self.shot("timeout")
+            server_log = (self.site.home / "server.log").read_text(errors="replace")[-4000:]
             raise AssertionError(
-                f"gave up waiting for {what} on {self.driver.current_url}"
+                f"gave up waiting for {what} on {self.driver.current_url}\n"
+                f"page text: {self.driver.find_element(By.TAG_NAME, 'main').text[:2000]}\n"
+                f"server log (end): {server_log}"
             ) from None
 
     def find(self, css: str) -> WebElement:

@@ -308,12 +308,12 @@ export class DagView {
       target.setAttribute("aria-label", `${members.length} steps of ${members[0].task}: ${summary.join(", ")}; press to show each`);
       const segs = g.querySelector(".segments");
       while (segs.firstChild) segs.firstChild.remove();
-      let x = 5;
-      const w = NODE_W - 5;
+      let x = 14;
+      const w = NODE_W - 24;
       for (const st of STATUS_ORDER) {
         if (!counts.has(st)) continue;
         const part = (counts.get(st) / members.length) * w;
-        segs.append(s("rect", { class: `seg bar-${st.toLowerCase()}`, x, y: NODE_H - 4, width: part, height: 4, fill: `var(--st-${st.toLowerCase()})` }));
+        segs.append(s("rect", { class: `seg bar-${st.toLowerCase()}`, x, y: NODE_H - 7, width: part, height: 3, style: { fill: `var(--st-${st.toLowerCase()})`, stroke: "none" } }));
         x += part;
       }
     }
