@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel import errors as keel_errors
@@ -73,6 +74,23 @@ def install(app: FastAPI) -> None:
         )
         details = {"run_id": exc.run_id, "step_key": exc.step_key, "hint": exc.hint}
         return JSONResponse(error_body(code, exc.message, details), status_code=status)
+
+    @app.exception_handler(sa_exc.DataError)
+    async def _data(_: Request, exc: sa_exc.DataError) -> JSONResponse:
+        # A value the database cannot hold (a NUL character on PostgreSQL, a number
+        # out of range): the request's fault, not the server's.
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "a bad value"
+        return JSONResponse(
+            error_body("bad_request", f"the database refused a value: {detail}"), status_code=400
+        )
+
+    @app.exception_handler(sa_exc.OperationalError)
+    async def _unreachable(_: Request, exc: sa_exc.OperationalError) -> JSONResponse:
+        log.warning("metadata store error: %s", exc)
+        return JSONResponse(
+            error_body("store_unavailable", "the metadata store cannot be reached; try again"),
+            status_code=503,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

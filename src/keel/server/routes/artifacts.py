@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from keel.errors import SerializationError
 from keel.server.errors import ApiError
-from keel.server.routes.common import Store, Viewer, find_step, get_run_row
+from keel.server.routes.common import AUTH, ERRORS, Store, Viewer, find_step, get_run_row
 from keel.server.routes.previews import (
     EXTENSIONS,
     MEDIA_TYPES,
@@ -32,7 +32,7 @@ from keel.store.artifacts import artifact_store
 from keel.store.metadata import MetadataStore
 from keel.store.schema import artifacts, logged_artifacts, model_versions
 
-router = APIRouter(tags=["artifacts"])
+router = APIRouter(tags=["artifacts"], dependencies=AUTH, responses=ERRORS)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 # Downloads never render as a page of this site, whatever they contain.

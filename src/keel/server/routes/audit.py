@@ -8,10 +8,10 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from keel.server.routes.common import Admin, Store, loads
+from keel.server.routes.common import AUTH, ERRORS, Admin, Store, loads
 from keel.store.schema import audit_log
 
-router = APIRouter(tags=["audit"])
+router = APIRouter(tags=["audit"], dependencies=AUTH, responses=ERRORS)
 
 
 class AuditEntry(BaseModel):
@@ -35,7 +35,9 @@ def list_audit(
     _: Admin,
     store: Store,
     actor: Annotated[str | None, Query(max_length=200)] = None,
-    before: Annotated[int | None, Query(ge=0, description="Entries with a smaller id")] = None,
+    before: Annotated[
+        int | None, Query(ge=0, le=2**62, description="Entries with a smaller id")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     """Who called what that changes something (POST, PUT, PATCH, DELETE), and the

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel
 from sqlalchemy.engine import Row
 
 from keel.server.auth import Principal
@@ -15,6 +18,42 @@ from keel.server.deps import get_store, require
 from keel.server.errors import ApiError
 from keel.store.metadata import MetadataStore
 from keel.store.schema import steps
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorReply(BaseModel):
+    """Every error: `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorBody
+
+
+# The error replies every route may give, documented once for the OpenAPI document.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorReply, "description": text}
+    for status, text in (
+        (400, "Bad request (a bad cursor, filter or argument)"),
+        (401, "No API token, or one that is not valid"),
+        (403, "The token's role does not allow this"),
+        (404, "No such run, step, artifact, model or workflow"),
+        (409, "The thing is in a state that does not allow this"),
+        (422, "The request does not validate"),
+        (503, "The metadata store is unavailable"),
+    )
+}
+
+# `Authorization: Bearer <token>`, described in the OpenAPI document; the check
+# itself is `require(role)`. Without tokens in the store, none is needed.
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="token",
+    description="An API token from `keel token create` (not needed while none exists)",
+)
+AUTH = [Security(BEARER)]
 
 # The dependencies almost every route takes.
 Viewer = Annotated[Principal, Depends(require("viewer"))]
@@ -50,7 +89,7 @@ def find_step(store: MetadataStore, run_id: str, ref: str) -> Row[Any]:
         row = conn.execute(
             sa.select(steps).where(steps.c.run_id == run_id, steps.c.key == ref)
         ).first()
-        if row is None and ref.isdigit() and len(ref) < 10:
+        if row is None and ref.isascii() and ref.isdigit() and len(ref) < 10:
             row = conn.execute(
                 sa.select(steps).where(steps.c.run_id == run_id, steps.c.seq == int(ref))
             ).first()
@@ -92,6 +131,8 @@ def decode_cursor(cursor: str, kinds: tuple[type, ...]) -> list[Any]:
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError
             out.append(value)
         return out

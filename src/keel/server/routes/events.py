@@ -28,12 +28,12 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from keel.server.routes.common import SSE_HEADERS, Store, Viewer, sse
+from keel.server.routes.common import AUTH, ERRORS, SSE_HEADERS, Store, Viewer, sse
 from keel.status import FINISHED_RUN
 from keel.store.metadata import MetadataStore
 from keel.store.schema import runs, steps
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], dependencies=AUTH, responses=ERRORS)
 
 # How far back "lately" reaches: a row committed a little after the time it carries
 # (a batched write, another host's clock) is still seen.

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from keel.server.errors import ApiError
-from keel.server.routes.common import Store, Viewer, get_run_row, loads
+from keel.server.routes.common import AUTH, ERRORS, Store, Viewer, get_run_row, loads
 from keel.server.routes.metrics import Number, number, run_data
 from keel.store.metadata import MetadataStore
 from keel.store.schema import experiments, latest_metrics, params, runs, tags
 
-router = APIRouter(tags=["experiments"])
+router = APIRouter(tags=["experiments"], dependencies=AUTH, responses=ERRORS)
 
 
 class ExperimentOut(BaseModel):
@@ -89,7 +89,8 @@ def list_experiments(_: Viewer, store: Store, include_deleted: bool = False) -> 
 
 
 def _get(store: MetadataStore, ref: str) -> Any:
-    column = experiments.c.id if ref.isdigit() and len(ref) < 12 else experiments.c.name
+    by_id = ref.isascii() and ref.isdigit() and len(ref) < 10
+    column = experiments.c.id if by_id else experiments.c.name
     value: Any = int(ref) if column is experiments.c.id else ref
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(experiments).where(column == value)).first()

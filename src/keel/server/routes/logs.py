@@ -18,12 +18,21 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from keel.server.routes.common import SSE_HEADERS, Store, Viewer, find_step, get_run_row, sse
+from keel.server.routes.common import (
+    AUTH,
+    ERRORS,
+    SSE_HEADERS,
+    Store,
+    Viewer,
+    find_step,
+    get_run_row,
+    sse,
+)
 from keel.status import FINISHED_RUN
 from keel.store.metadata import MetadataStore
 from keel.store.schema import logs, runs, steps
 
-router = APIRouter(tags=["logs"])
+router = APIRouter(tags=["logs"], dependencies=AUTH, responses=ERRORS)
 
 KEEPALIVE_SECONDS = 15.0
 
@@ -87,8 +96,8 @@ def read_logs(
     _: Viewer,
     store: Store,
     step: Annotated[str | None, Query(description="A step key, seq or task name")] = None,
-    attempt: Annotated[int | None, Query(ge=1)] = None,
-    after: Annotated[int | None, Query(ge=0, description="Records after this id")] = None,
+    attempt: Annotated[int | None, Query(ge=1, le=2**31)] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**62, description="Records after this id")] = None,
     offset: Annotated[int, Query(ge=0, le=10_000_000, description="Records to skip")] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> LogPage:
@@ -120,8 +129,10 @@ def tail_logs(
     _: Viewer,
     store: Store,
     step: Annotated[str | None, Query(description="A step key, seq or task name")] = None,
-    attempt: Annotated[int | None, Query(ge=1)] = None,
-    after: Annotated[int | None, Query(ge=0, description="Start after this record id")] = None,
+    attempt: Annotated[int | None, Query(ge=1, le=2**31)] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=2**62, description="Start after this record id")
+    ] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Follow a run's logs live as Server-Sent Events: one `log` event per record (its
@@ -129,8 +140,9 @@ def tail_logs(
     then one `end` event with the run's final status once the run has finished."""
     row = get_run_row(store, run_id)
     seq = _step_seq(store, row.id, step)
-    if last_event_id is not None and last_event_id.isdigit():
-        after = int(last_event_id)
+    given = last_event_id or ""
+    if given.isascii() and given.isdigit() and len(given) < 18:
+        after = int(given)
     poll = float(getattr(request.app.state, "sse_poll_seconds", 0.5))
     return StreamingResponse(
         _tail(request, store, row.id, seq, attempt, after, poll),

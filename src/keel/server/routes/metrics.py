@@ -20,11 +20,11 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from keel.server.routes.common import Store, Viewer, find_step, get_run_row
+from keel.server.routes.common import AUTH, ERRORS, Store, Viewer, find_step, get_run_row
 from keel.store.metadata import MetadataStore
 from keel.store.schema import latest_metrics, metrics, params, tags
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], dependencies=AUTH, responses=ERRORS)
 
 Number = float | str
 

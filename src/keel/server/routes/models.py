@@ -8,12 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
-from keel.server.routes.common import Admin, Store, Viewer, loads
+from keel.server.routes.common import AUTH, ERRORS, Admin, Store, Viewer, loads
 from keel.server.routes.metrics import Number, number
 from keel.store import registry_store as rs
 from keel.store.metadata import MetadataStore
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], dependencies=AUTH, responses=ERRORS)
 
 Name = Annotated[str, Path(max_length=250, description="The registered model's name")]
 VersionRef = Annotated[

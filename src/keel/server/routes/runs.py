@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field
 
 from keel.server.errors import ApiError
 from keel.server.routes.common import (
+    AUTH,
+    ERRORS,
     Operator,
     Store,
     Viewer,
@@ -28,7 +30,7 @@ from keel.store import queue
 from keel.store.metadata import MetadataStore
 from keel.store.schema import runs, tags
 
-router = APIRouter(tags=["runs"])
+router = APIRouter(tags=["runs"], dependencies=AUTH, responses=ERRORS)
 
 
 class RunOut(BaseModel):
@@ -186,8 +188,8 @@ def list_runs(
     workflow: str | None = None,
     status: Annotated[list[RunStatus] | None, Query()] = None,
     kind: Annotated[str | None, Query(max_length=16)] = None,
-    experiment_id: int | None = None,
-    parent_id: str | None = None,
+    experiment_id: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    parent_id: Annotated[str | None, Query(max_length=200)] = None,
     include_children: bool = False,
     q: Annotated[
         str | None,

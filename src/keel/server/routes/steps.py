@@ -9,10 +9,10 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from keel.server.routes.common import Store, Viewer, find_step, get_run_row, loads
+from keel.server.routes.common import AUTH, ERRORS, Store, Viewer, find_step, get_run_row, loads
 from keel.store.schema import attempts, steps
 
-router = APIRouter(tags=["steps"])
+router = APIRouter(tags=["steps"], dependencies=AUTH, responses=ERRORS)
 
 
 class AttemptOut(BaseModel):
@@ -119,7 +119,9 @@ def list_steps(
     run_id: str,
     _: Viewer,
     store: Store,
-    after: Annotated[int | None, Query(description="Only steps with a larger seq")] = None,
+    after: Annotated[
+        int | None, Query(ge=-1, le=2**62, description="Only steps with a larger seq")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> StepPage:
     """The run's steps in call order, with their attempts: enough to draw the DAG

@@ -10,9 +10,9 @@ from pydantic import BaseModel, Field
 
 from keel.server import auth
 from keel.server.errors import ApiError
-from keel.server.routes.common import Admin, Store, Viewer
+from keel.server.routes.common import AUTH, ERRORS, Admin, Store, Viewer
 
-router = APIRouter(tags=["tokens"])
+router = APIRouter(tags=["tokens"], dependencies=AUTH, responses=ERRORS)
 
 Role = Literal["viewer", "operator", "admin"]
 

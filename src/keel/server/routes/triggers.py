@@ -16,10 +16,10 @@ from pydantic import BaseModel
 from keel.errors import ParameterError, ScheduleError
 from keel.server.auth import Principal
 from keel.server.errors import ApiError
-from keel.server.routes.common import Store, Viewer
+from keel.server.routes.common import AUTH, ERRORS, Store, Viewer
 from keel.store.metadata import MetadataStore
 
-router = APIRouter(tags=["triggers"])
+router = APIRouter(tags=["triggers"], responses=ERRORS)
 
 Name = Annotated[str, Path(max_length=200, description="The trigger's name")]
 
@@ -69,7 +69,7 @@ def _get(store: MetadataStore, name: str) -> Any:
         raise ApiError(404, "not_found", exc.message, {"hint": exc.hint}) from None
 
 
-@router.get("/triggers", response_model=list[TriggerOut])
+@router.get("/triggers", response_model=list[TriggerOut], dependencies=AUTH)
 def list_triggers(_: Viewer, store: Store) -> list[TriggerOut]:
     """Every trigger (webhook tokens are never shown)."""
     from keel.scheduler import triggers
@@ -77,7 +77,7 @@ def list_triggers(_: Viewer, store: Store) -> list[TriggerOut]:
     return [_out(t) for t in triggers.ls(store=store)]
 
 
-@router.get("/triggers/{name}/events", response_model=list[TriggerEventOut])
+@router.get("/triggers/{name}/events", response_model=list[TriggerEventOut], dependencies=AUTH)
 def trigger_events(
     name: Name, _: Viewer, store: Store, limit: Annotated[int, Query(ge=1, le=1000)] = 50
 ) -> list[TriggerEventOut]:

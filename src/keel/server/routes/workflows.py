@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from keel.errors import ParameterError
 from keel.server.errors import ApiError
-from keel.server.routes.common import Operator, Store, Viewer
+from keel.server.routes.common import AUTH, ERRORS, Operator, Store, Viewer
 from keel.server.routes.runs import RunOut, run_out
 from keel.server.workflows import (
     WorkflowEntry,
@@ -21,7 +21,7 @@ from keel.server.workflows import (
     runner_of,
 )
 
-router = APIRouter(tags=["workflows"])
+router = APIRouter(tags=["workflows"], dependencies=AUTH, responses=ERRORS)
 
 Name = Annotated[str, Path(max_length=200, description="The workflow's name")]
 
