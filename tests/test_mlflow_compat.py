@@ -415,6 +415,39 @@ def test_sklearn_log_model_load_model_and_registry(server: str) -> None:
     assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # sklearn, about an argument autolog uses
+@pytest.mark.filterwarnings("ignore:Starting with pandas version 4.0")  # mlflow's dataset digest
+def test_datasets_and_autolog(server: str) -> None:
+    import pandas as pd
+
+    client = MlflowClient()
+    mlflow.set_experiment("mlf-inputs")
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [0.5, 0.25, 0.125]})
+    dataset = mlflow.data.from_pandas(frame, name="train")
+    with mlflow.start_run() as run:
+        mlflow.log_input(dataset, context="training")
+        mlflow.log_input(dataset, context="training")  # the same dataset again: one input
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("train", dataset.digest)]
+    assert {t.key: t.value for t in inputs[0].tags} == {"mlflow.data.context": "training"}
+
+    model, features = _model()
+    labels = model.predict(features)
+    mlflow.sklearn.autolog()
+    try:
+        with mlflow.start_run() as auto:
+            type(model)().fit(features, labels)
+    finally:
+        mlflow.sklearn.autolog(disable=True)
+    got = client.get_run(auto.info.run_id)
+    assert got.data.params["solver"] == "lbfgs"
+    assert 0.0 <= got.data.metrics["training_accuracy_score"] <= 1.0
+    assert got.inputs.dataset_inputs and got.outputs.model_outputs
+    model_id = got.outputs.model_outputs[0].model_id
+    reloaded = mlflow.sklearn.load_model(f"models:/{model_id}")
+    assert list(reloaded.predict(features[:5])) == list(labels[:5])
+
+
 # -- keel's own runs through mlflow ----------------------------------------------------------
 
 

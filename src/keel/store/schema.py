@@ -462,6 +462,19 @@ logged_models = Table(
     Index("ix_keel_logged_models_run", "source_run_id"),
 )
 
+# What MLflow's runs/log-inputs records: the datasets a run (or step) read and the
+# logged models it used; `detail` is the JSON the client sent.
+run_inputs = Table(
+    "keel_run_inputs",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("kind", String(16), primary_key=True),  # dataset | model
+    Column("key", String(600), primary_key=True),  # name:digest of a dataset, a model's id
+    Column("detail", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
 logged_model_files = Table(
     "keel_logged_model_files",
     metadata,

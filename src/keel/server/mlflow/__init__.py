@@ -2,15 +2,24 @@
 server (MLFLOW_TRACKING_URI=http://host:port). See docs/mlflow.md for what is covered.
 
 One module per resource: experiments, runs (and search), data (params, metrics,
-tags), artifacts (the mlflow-artifacts proxy), logged_models, registry; mapping says
-how keel's records look to MLflow. None of these routes is in keel's OpenAPI document.
+tags), inputs (datasets a run read), artifacts (the mlflow-artifacts proxy),
+logged_models, registry; mapping says how keel's records look to MLflow. None of
+these routes is in keel's OpenAPI document.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request, Response
 
-from keel.server.mlflow import artifacts, data, experiments, logged_models, registry, runs
+from keel.server.mlflow import (
+    artifacts,
+    data,
+    experiments,
+    inputs,
+    logged_models,
+    registry,
+    runs,
+)
 from keel.server.mlflow.common import MlflowError, MlflowRoute
 
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -38,7 +47,12 @@ def install(app: FastAPI) -> None:
     """Mount the MLflow routes on `app`, each prefix as one mount: a request elsewhere
     (the UI, /api/v1) is not matched against every MLflow route first."""
     api = _combined(
-        experiments.router, runs.router, data.router, logged_models.router, registry.router
+        experiments.router,
+        runs.router,
+        data.router,
+        inputs.router,
+        logged_models.router,
+        registry.router,
     )
     files = _combined(artifacts.router)
     for base in ("/api/2.0", "/ajax-api/2.0"):

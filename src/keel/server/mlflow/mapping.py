@@ -219,7 +219,13 @@ def load_data(store: MetadataStore, keys: Iterable[tuple[str, int]]) -> dict[tup
     return out
 
 
-def run_json(t: Tracked, exp: str, data: Data, outputs: list[str] | None = None) -> dict[str, Any]:
+def run_json(
+    t: Tracked,
+    exp: str,
+    data: Data,
+    outputs: list[str] | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     shown = {k: v for k, v in data.tags.items() if k not in SYNTHETIC_TAGS}
     shown[NAME_TAG] = t.name
     if t.user:
@@ -233,7 +239,7 @@ def run_json(t: Tracked, exp: str, data: Data, outputs: list[str] | None = None)
             "params": pairs(dict(sorted(data.params.items()))),
             "tags": pairs(shown),
         },
-        "inputs": {},
+        "inputs": inputs or {},
         "outputs": {},
     }
     if outputs:

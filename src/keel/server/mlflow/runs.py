@@ -37,6 +37,7 @@ from keel.server.mlflow.common import (
 )
 from keel.server.mlflow.data import check_tags, record, writable
 from keel.server.mlflow.experiments import get_row, view_type
+from keel.server.mlflow.inputs import load_inputs
 from keel.server.mlflow.mapping import (
     NAME_TAG,
     PARENT_TAG,
@@ -77,7 +78,8 @@ def outputs_of(store: MetadataStore, mlflow_ids: list[str]) -> dict[str, list[st
 def full_run(store: MetadataStore, t: Tracked) -> dict[str, Any]:
     data = load_data(store, [(t.run_id, t.seq)])[(t.run_id, t.seq)]
     outputs = outputs_of(store, [t.mlflow_id]).get(t.mlflow_id)
-    return run_json(t, exp_out(store, t.experiment_id), data, outputs)
+    inputs = load_inputs(store, [(t.run_id, t.seq)]).get((t.run_id, t.seq))
+    return run_json(t, exp_out(store, t.experiment_id), data, outputs, inputs)
 
 
 @router.post("/runs/create")
@@ -192,6 +194,7 @@ def search_runs(args: Args, store: Store, _: Viewer) -> Response:
     page = found[:limit]
     data = load_data(store, [(t.run_id, t.seq) for t in page])
     outputs = outputs_of(store, [t.mlflow_id for t in page])
+    inputs = load_inputs(store, [(t.run_id, t.seq) for t in page])
     default = default_experiment(store)
     body: dict[str, Any] = {
         "runs": [
@@ -200,6 +203,7 @@ def search_runs(args: Args, store: Store, _: Viewer) -> Response:
                 exp_out(store, t.experiment_id, default if default is not None else -1),
                 data[(t.run_id, t.seq)],
                 outputs.get(t.mlflow_id),
+                inputs.get((t.run_id, t.seq)),
             )
             for t in page
         ]

@@ -1,4 +1,4 @@
-"""MLflow compatibility: logged models (MLflow 3) and their files.
+"""MLflow compatibility: logged models (MLflow 3) and their files, runs' inputs.
 
 Revision ID: 0005
 Revises: 0004
@@ -42,8 +42,18 @@ def upgrade() -> None:
         sa.Column("size", sa.Integer, nullable=False),
         sa.Column("created_at", sa.Float, nullable=False),
     )
+    op.create_table(
+        "keel_run_inputs",
+        sa.Column("run_id", sa.String(64), primary_key=True),
+        sa.Column("seq", sa.Integer, primary_key=True),
+        sa.Column("kind", sa.String(16), primary_key=True),
+        sa.Column("key", sa.String(600), primary_key=True),
+        sa.Column("detail", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("keel_run_inputs")
     op.drop_table("keel_logged_model_files")
     op.drop_table("keel_logged_models")
