@@ -263,3 +263,34 @@ def test_process_timeout_excludes_worker_start_up(backend: str) -> None:
     run = keel.Client().run(handle.id)
     assert [a.error_type for a in run.steps[0].attempts] == [None]
     assert handle.result() == "done"
+
+
+@keel.task(name="retry_stuck", timeout=0.2)
+def stuck(i: int) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    return i
+
+
+@keel.task(name="retry_quick")
+def quick(i: int) -> int:
+    return i
+
+
+@keel.workflow(name="retry_many_timeouts", max_concurrency=2)
+def many_timeouts(n: int) -> list[int]:
+    stuck_ones = stuck.map(range(n))
+    keel.wait(stuck_ones)
+    return keel.gather(quick.map(range(n)))
+
+
+def test_many_timeouts_leave_the_executor_usable(backend: str, executor: str) -> None:
+    """Every timed-out attempt frees its slot: later steps of the run still all run."""
+    run = keel.Client().run(keel.run(many_timeouts, n=6).id)
+    # The stuck steps failed unobserved, so the run fails; what matters is that it ended
+    # and the quick steps all ran after them.
+    assert run.status == "FAILED"
+    statuses = [(s.task, s.status) for s in run.steps]
+    assert statuses == [("retry_stuck", "FAILED")] * 6 + [("retry_quick", "SUCCEEDED")] * 6
+    assert all(s.attempts[0].error_type == "keel.errors.StepTimeoutError" for s in run.steps[:6])
