@@ -266,10 +266,26 @@ def test_runs_list_shows_runs_with_their_status(page: Page) -> None:
 
 
 def test_runs_list_pages_through_the_cursor(page: Page) -> None:
-    page.open("/?workflow=ui_train")
-    # Three ui_train runs: with 50 a page they fit; the pager offers no older page.
-    page.wait(lambda: len(page.all("tr[data-run-id]")) >= 3)
+    runs = page.site.runs
+    newest_first = [runs["train_c"], runs["train_b"], runs["train_a"]]
+
+    def shown() -> list[str | None]:
+        return [r.get_attribute("data-run-id") for r in page.all("tr[data-run-id]")]
+
+    def go(label: str) -> None:
+        link = next(a for a in page.all(".pager a") if label in a.text)
+        before = page.driver.current_url
+        link.click()
+        page.wait(lambda: page.driver.current_url != before, f"the {label} page")
+
+    page.open("/?workflow=ui_train&limit=2")
+    page.wait(lambda: shown() == newest_first[:2], "the first page")
+    go("Older")
+    page.wait(lambda: shown() == newest_first[2:], "the second page")
     assert not [a for a in page.all(".pager a") if "Older" in a.text]
+    go("Newer")
+    page.wait(lambda: shown() == newest_first[:2], "the first page again")
+    assert "cursor=" not in page.driver.current_url
 
 
 def test_narrow_window_still_lists_runs(page: Page, browser: WebDriver) -> None:
@@ -396,6 +412,42 @@ def test_a_running_run_updates_live(page: Page, tmp_path: Path) -> None:
         flag.write_text("go")
         thread.join(timeout=WAIT)
     assert "error" not in done, done.get("error")
+
+
+def test_cancel_resume_and_retry_buttons(page: Page) -> None:
+    """A run waiting in the queue (no worker serves it) is cancelled from its page,
+    resumed (the server runs it), then retried: each button's effect shows."""
+    request = urllib.request.Request(
+        f"{page.site.url}/api/v1/workflows/ui_launch/runs",
+        data=json.dumps({"params": {"count": 7}, "dispatch": "queue"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        run_id = json.loads(reply.read())["run"]["id"]
+
+    def button(label: str) -> WebElement:
+        return page.wait(
+            lambda: next(b for b in page.all(".page-head .actions button") if b.text == label),
+            f"the {label} button",
+        )
+
+    page.open(f"/runs/{run_id}")
+    page.wait(lambda: page.text("#run-status .badge") == "pending")
+    button("Cancel").click()
+    page.driver.switch_to.alert.accept()  # "Cancel run …?"
+    page.wait(lambda: page.text("#run-status .badge") == "cancelled", "the cancelled run")
+    assert "cancelled" in page.text("#action-status")
+
+    button("Resume").click()
+    page.wait(lambda: page.text("#run-status .badge") == "succeeded", "the resumed run")
+    page.wait(lambda: '"count": 7' in page.text("#run-result"), "its result")
+
+    button("Retry").click()
+    page.wait(lambda: not page.driver.current_url.endswith(run_id), "the new run's page")
+    page.wait(lambda: page.text("#run-status .badge") == "succeeded", "the retry")
+    new_id = page.driver.current_url.rsplit("/", 1)[-1]
+    assert page.site.api(f"/runs/{new_id}")["retry_of"] == run_id
 
 
 # -- a step ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import {
   timeEl,
 } from "../dom.js";
 
-const PAGE_SIZE = 50;
+const PAGE_SIZES = [25, 50, 100, 200];
 
 export async function render(view, _params, ctx) {
   ctx.setTitle("Runs");
@@ -25,6 +25,7 @@ export async function render(view, _params, ctx) {
     workflow: q.get("workflow") || "",
     q: q.get("q") || "",
     cursor: q.get("cursor") || "",
+    limit: Math.min(1000, Math.max(1, Number.parseInt(q.get("limit") || "50", 10) || 50)),
   };
   // Cursors of the pages before this one, so "Newer" can go back without a reverse query.
   const back = (q.get("back") || "").split(",").filter(Boolean);
@@ -51,6 +52,12 @@ export async function render(view, _params, ctx) {
     placeholder: "run id, workflow or name",
   });
   const datalist = h("datalist", { id: "workflow-names" });
+  const sizes = PAGE_SIZES.includes(filters.limit) ? PAGE_SIZES : [...PAGE_SIZES, filters.limit].sort((a, b) => a - b);
+  const sizeSelect = h(
+    "select",
+    { id: "f-limit", name: "limit" },
+    sizes.map((n) => h("option", { value: String(n), selected: n === filters.limit }, String(n))),
+  );
 
   const form = h(
     "form",
@@ -58,12 +65,14 @@ export async function render(view, _params, ctx) {
     h("div", { class: "field" }, h("label", { for: "f-q" }, "Search"), searchInput),
     h("div", { class: "field" }, h("label", { for: "f-status" }, "Status"), statusSelect),
     h("div", { class: "field" }, h("label", { for: "f-workflow" }, "Workflow"), workflowInput, datalist),
+    h("div", { class: "field" }, h("label", { for: "f-limit" }, "Per page"), sizeSelect),
     h("button", { type: "submit", class: "primary" }, "Apply"),
     filters.status || filters.workflow || filters.q
       ? h("a", { class: "button", href: "/" }, "Clear")
       : null,
   );
   statusSelect.addEventListener("change", () => form.requestSubmit());
+  sizeSelect.addEventListener("change", () => form.requestSubmit());
 
   function apply(e) {
     e.preventDefault();
@@ -71,6 +80,7 @@ export async function render(view, _params, ctx) {
     if (statusSelect.value) next.set("status", statusSelect.value);
     if (workflowInput.value.trim()) next.set("workflow", workflowInput.value.trim());
     if (searchInput.value.trim()) next.set("q", searchInput.value.trim());
+    if (sizeSelect.value !== "50") next.set("limit", sizeSelect.value);
     const text = next.toString();
     window.keelNavigate(text ? `/?${text}` : "/");
   }
@@ -94,7 +104,7 @@ export async function render(view, _params, ctx) {
       workflow: filters.workflow || undefined,
       q: filters.q || undefined,
       cursor: filters.cursor || undefined,
-      limit: PAGE_SIZE,
+      limit: filters.limit,
     });
     return page;
   }
@@ -136,20 +146,19 @@ export async function render(view, _params, ctx) {
       results.append(runsTable(rows));
     }
     const pager = h("nav", { class: "pager", "aria-label": "Pages of runs" });
-    pager.append(h("span", { class: "muted" }, `${rows.length} run${rows.length === 1 ? "" : "s"} on this page`));
+    const pageNo = back.length + 1;
+    pager.append(h("span", { class: "muted" }, `Page ${pageNo}: ${rows.length} run${rows.length === 1 ? "" : "s"}`));
     if (filters.cursor) {
-      const prev = back.slice(0, -1);
+      // `back` holds the cursors of the pages before this one ("-": the first page).
+      const previous = back[back.length - 1];
+      if (back.length > 1) pager.append(h("a", { class: "button", href: linkWith({ cursor: "", back: "" }) }, "⇤ Newest"));
       pager.append(
-        h("a", { class: "button", href: linkWith({ cursor: back[back.length - 1] === "-" ? "" : back[back.length - 1] || "", back: prev.join(",") }) }, "← Newer"),
+        h("a", { class: "button", rel: "prev", href: linkWith({ cursor: previous === "-" ? "" : previous, back: back.slice(0, -1).join(",") }) }, "← Newer"),
       );
     }
     if (page.next_cursor) {
       pager.append(
-        h(
-          "a",
-          { class: "button", href: linkWith({ cursor: page.next_cursor, back: [...back, filters.cursor || "-"].join(",") }) },
-          "Older →",
-        ),
+        h("a", { class: "button", rel: "next", href: linkWith({ cursor: page.next_cursor, back: [...back, filters.cursor || "-"].join(",") }) }, "Older →"),
       );
     }
     results.append(pager);
