@@ -291,7 +291,7 @@ export class DagView {
       const parts = [status.toLowerCase()];
       const took = st.duration ?? (st.started_at && !st.ended_at ? Date.now() / 1000 - st.started_at : null);
       if (took !== null && took !== undefined) parts.push(fmtDuration(took));
-      if (st.attempts > 1) parts.push(`${st.attempts} attempts`);
+      if (st.attempts > 1) parts.push(`${st.attempts} tries`);
       if (st.cached_from) parts.push("cached");
       sub.textContent = clip(parts.join(" · "), 30);
       tip.textContent = `${st.key} (${st.task}): ${status.toLowerCase()}`;

@@ -140,6 +140,7 @@ export async function render(view, { runId }, ctx) {
     if (run.cancel_requested && !FINISHED.has(run.status)) errorSlot.append(h("p", { class: "notice" }, "Cancellation requested: no new steps start."));
   }
 
+  let stepRows = 200; // more on request: a big map has thousands
   function drawSteps() {
     timelineSlot.replaceChildren(timeline(run, steps, { stepHref }));
     if (!steps.length) {
@@ -169,7 +170,7 @@ export async function render(view, { runId }, ctx) {
           h(
             "tbody",
             {},
-            steps.slice(0, 2000).map((st) =>
+            steps.slice(0, stepRows).map((st) =>
               h(
                 "tr",
                 { "data-key": st.key, "data-status": st.status },
@@ -185,6 +186,17 @@ export async function render(view, { runId }, ctx) {
         ),
       ),
     );
+    if (steps.length > stepRows) {
+      const more = h("button", { type: "button" }, `Show ${Math.min(500, steps.length - stepRows)} more of ${steps.length - stepRows} not shown`);
+      more.addEventListener("click", () => {
+        stepRows += 500;
+        drawSteps();
+        const row = stepsSlot.querySelectorAll("tbody tr")[stepRows - 500];
+        const link = row && row.querySelector("a");
+        if (link) link.focus();
+      });
+      stepsSlot.append(h("p", {}, more));
+    }
   }
 
   async function drawResult() {

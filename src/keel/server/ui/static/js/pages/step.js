@@ -198,7 +198,7 @@ export async function render(view, { runId, stepKey }, ctx) {
       );
     clear(lineageSlot).append(
       list("Upstream (its inputs came from)", ups, "None: this step took no other step's output."),
-      list("Downstream (read its output)", downs, "None yet."),
+      list("Downstream (read its output)", downs, FINISHED.has(run.status) ? "None." : "None yet."),
     );
     clear(inputsSlot);
     if (!ups.length) {
