@@ -471,6 +471,15 @@ def test_step_page_shows_logs_output_and_lineage(page: Page) -> None:
     page.wait(lambda: page.all("#step-inputs details[open] table"), "the input's preview")
     assert '"loss"' in page.text("#step-output")
     assert "loss" in page.text("#step-data")  # metrics the step logged
+    # Files the step logged: a figure previewed as an image, a dict as JSON.
+    figure = page.find("#step-data details.file[data-path='plots/loss.png']")
+    figure.find_element(By.TAG_NAME, "summary").click()
+    image = page.wait(lambda: figure.find_elements(By.CSS_SELECTOR, "img"), "the image")[0]
+    page.wait(lambda: page.driver.execute_script("return arguments[0].naturalWidth", image) > 0)
+    config = page.find("#step-data details.file[data-path='config.json']")
+    config.find_element(By.TAG_NAME, "summary").click()
+    page.wait(lambda: '"lr": 0.1' in config.text, "the JSON preview")
+    page.shot("step-files")
 
 
 # -- experiments -------------------------------------------------------------------------

@@ -24,13 +24,21 @@ def prepare(rows: int) -> pd.DataFrame:
 
 @keel.task
 def train(data: pd.DataFrame, epochs: int, lr: float) -> dict[str, float]:
+    from matplotlib.figure import Figure
+
     loss = 1.0
+    losses = []
     for epoch in range(epochs):
         loss *= 1 - lr
+        losses.append(loss)
         keel.log_metric("loss", loss, step=epoch)
         keel.log_metric("accuracy", 1 - loss / 2, step=epoch)
         print(f"epoch {epoch}: loss {loss:.4f}")
     keel.log_param("optimizer", "sgd")
+    figure = Figure(figsize=(3, 2), dpi=60)
+    figure.subplots().plot(losses)
+    keel.log_figure(figure, "plots/loss.png")
+    keel.log_dict({"epochs": epochs, "lr": lr}, "config.json")
     return {"loss": loss, "rows": float(len(data))}
 
 

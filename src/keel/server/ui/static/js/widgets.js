@@ -92,7 +92,7 @@ export function dataTable(columns, rows) {
     h(
       "table",
       { class: "data" },
-      h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c)))),
+      h("thead", {}, h("tr", {}, columns.map((c, i) => h("th", { scope: "col", class: rows.length && typeof rows[0][i] === "number" ? "num" : "" }, c)))),
       h("tbody", {}, rows.map((r) => h("tr", {}, r.map((v) => h("td", { class: typeof v === "number" ? "num" : "" }, fmtValue(v)))))),
     ),
   );

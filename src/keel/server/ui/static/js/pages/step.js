@@ -286,7 +286,7 @@ function cachedLink(ref) {
 
 function fileView(f) {
   const body = h("div", {}, h("p", { class: "loading" }, "Loading…"));
-  const det = h("details", { class: "file" }, h("summary", {}, h("span", { class: "mono" }, f.path), ` (${f.kind}, ${fmtBytes(f.size)})`), body);
+  const det = h("details", { class: "file", "data-path": f.path }, h("summary", {}, h("span", { class: "mono" }, f.path), ` (${f.kind}, ${fmtBytes(f.size)})`), body);
   let loaded = false;
   det.addEventListener("toggle", async () => {
     if (!det.open || loaded) return;
