@@ -16,6 +16,7 @@ from keel.engine.execute import (
     new_run_row,
     owner_fields,
     record_new_run,
+    running_here,
 )
 from keel.engine.session import Session
 from keel.errors import RunStateError
@@ -260,8 +261,10 @@ def locate_workflow(name: str, entrypoint: str | None) -> Workflow[Any, Any]:
 
 
 def _owner_alive(row: Any) -> bool:
-    if row.pid is None or row.pid == os.getpid():
+    if row.pid is None:
         return False
+    if row.pid == os.getpid() and row.host == socket.gethostname():
+        return row.id in running_here
     if row.host != socket.gethostname():
         return True  # cannot see processes on another host; assume it is alive
     try:
@@ -371,7 +374,7 @@ def cancel(run_id: str, *, store: MetadataStore | None = None) -> str:
     if row.status == RunStatus.PENDING:
         # Waiting in the queue (submitted, parked): no process runs it; stop it here.
         queue.drop_run(store, rid)
-    if row.status == RunStatus.PENDING or (not _owner_alive(row) and row.pid != os.getpid()):
+    if row.status == RunStatus.PENDING or not _owner_alive(row):
         store.update_run(
             rid,
             status=str(RunStatus.CANCELLED),

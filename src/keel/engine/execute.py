@@ -128,8 +128,21 @@ def _user() -> str:
         return "unknown"
 
 
+# Runs whose body executes in this process now (so another thread of the same
+# process cannot resume one of them a second time).
+running_here: set[str] = set()
+
+
 def execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
     """Run the body on this thread; wait for its steps; record how the run ended."""
+    running_here.add(state.run_id)
+    try:
+        return _execute(state, params)
+    finally:
+        running_here.discard(state.run_id)
+
+
+def _execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
     session = state.session
     workflow = state.workflow
     status = RunStatus.SUCCEEDED
