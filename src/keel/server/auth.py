@@ -49,6 +49,7 @@ def create_token(store: MetadataStore, name: str, role: str) -> str:
     if not name or len(name) > 200:
         raise KeelError("a token needs a name of 1 to 200 characters")
     token = "keel_" + secrets.token_urlsafe(32)
+    _configured.pop(id(store), None)
     try:
         with store.engine.begin() as conn:
             conn.execute(
@@ -64,6 +65,7 @@ def create_token(store: MetadataStore, name: str, role: str) -> str:
 
 
 def revoke_token(store: MetadataStore, name: str) -> bool:
+    _configured.pop(id(store), None)
     with store.engine.begin() as conn:
         return bool(
             conn.execute(tokens.update().where(tokens.c.name == name).values(revoked=True)).rowcount
@@ -85,14 +87,28 @@ def list_tokens(store: MetadataStore) -> list[dict[str, object]]:
         ]
 
 
+# Whether any token exists is asked on every request without one; it changes only
+# when tokens are created or revoked, so the answer is kept for a moment.
+_CONFIGURED_TTL = 2.0
+_configured: dict[int, tuple[float, bool]] = {}
+# `last_used_at` is a hint for people, not an audit record: written at most this often.
+_LAST_USED_EVERY = 60.0
+
+
 def tokens_configured(store: MetadataStore) -> bool:
+    cached = _configured.get(id(store))
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < _CONFIGURED_TTL:
+        return cached[1]
     with store.engine.connect() as conn:
-        return (
+        answer = (
             conn.execute(
                 sa.select(sa.func.count()).select_from(tokens).where(tokens.c.revoked.is_(False))
             ).scalar()
             or 0
         ) > 0
+    _configured[id(store)] = (now, answer)
+    return answer
 
 
 def authenticate(store: MetadataStore, request: Request) -> Principal:
@@ -108,11 +124,14 @@ def authenticate(store: MetadataStore, request: Request) -> Principal:
             "this server needs an API token",
             {"hint": "Send `Authorization: Bearer <token>`; create one with `keel token create`"},
         )
-    with store.engine.begin() as conn:
+    with store.engine.connect() as conn:
         row = conn.execute(
             sa.select(tokens).where(tokens.c.token_hash == _hash(token.strip()))
         ).first()
-        if row is None or row.revoked:
-            raise ApiError(401, "unauthenticated", "the API token is not valid or was revoked")
-        conn.execute(tokens.update().where(tokens.c.id == row.id).values(last_used_at=time.time()))
+    if row is None or row.revoked:
+        raise ApiError(401, "unauthenticated", "the API token is not valid or was revoked")
+    now = time.time()
+    if row.last_used_at is None or now - row.last_used_at > _LAST_USED_EVERY:
+        with store.engine.begin() as conn:
+            conn.execute(tokens.update().where(tokens.c.id == row.id).values(last_used_at=now))
     return Principal(row.name, row.role)
