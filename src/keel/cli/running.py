@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 class ExecutorName(StrEnum):
     threads = "threads"
     processes = "processes"
+    ray = "ray"
+    queue = "queue"
 
 
 def parse_params(pairs: list[str]) -> dict[str, str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from fastapi import Request
 
-from keel.errors import KeelError
+from keel.errors import ConfigError, KeelError
 from keel.server.errors import ApiError
 from keel.store.metadata import MetadataStore
 from keel.store.schema import tokens
@@ -45,9 +45,9 @@ def _hash(token: str) -> str:
 def create_token(store: MetadataStore, name: str, role: str) -> str:
     """Create a token; returns it (the only time it is visible)."""
     if role not in ROLES:
-        raise KeelError(f"unknown role {role!r}", hint=f"Use one of: {', '.join(ROLES)}")
+        raise ConfigError(f"unknown role {role!r}", hint=f"Use one of: {', '.join(ROLES)}")
     if not name or len(name) > 200:
-        raise KeelError("a token needs a name of 1 to 200 characters")
+        raise ConfigError("a token needs a name of 1 to 200 characters")
     token = "keel_" + secrets.token_urlsafe(32)
     _configured.pop(id(store), None)
     try:
