@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,6 +83,14 @@ class Site:
 
     def api(self, path: str) -> Any:
         return _get_json(f"{self.url}/api/v1{path}")
+
+    def status(self, path: str) -> int:
+        """The HTTP status of a GET of an API path (without a token)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1{path}", timeout=10) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
 
 
 @pytest.fixture(scope="module")
@@ -450,6 +459,30 @@ def test_cancel_resume_and_retry_buttons(page: Page) -> None:
     assert page.site.api(f"/runs/{new_id}")["retry_of"] == run_id
 
 
+def test_demo_pipeline_run(page: Page) -> None:
+    """The README's demo (examples/digits.py, fewer folds): its graph folds the sweep's
+    20 `evaluate` steps into one node that unfolds on a key press."""
+    from keel.sdk.loader import load_workflow
+
+    digits = load_workflow(str(ROOT / "examples" / "digits.py") + ":digits")
+    run_id = keel.run(digits, n_folds=2).id
+    page.open(f"/runs/{run_id}")
+    group = page.find(".dag .node.group")
+    assert group.get_attribute("data-status") == "SUCCEEDED"
+    assert "evaluate \u00d720" in group.text and "20 succeeded" in group.text
+    keys = {n.get_attribute("data-key") for n in page.all(".dag .node[data-key]")}
+    assert {"load_dataset-0", "split-1", "pick_best-22", "refit-23", "score_test-24"} <= keys
+    assert all("succeeded" in _classes(n) for n in page.all(".dag .node[data-key]"))
+    page.shot("demo-run")
+
+    group.find_element(By.CSS_SELECTOR, "[role=button]").send_keys("\n")  # Enter unfolds it
+    page.wait(lambda: len(page.all(".dag .node[data-key^='evaluate-']")) == 20, "the sweep")
+    assert not page.all(".dag .node.group")
+
+    page.open(f"/runs/{run_id}/steps/load_dataset-0")
+    page.wait(lambda: "loaded 1797 images" in page.text("#step-log"), "the step's log")
+
+
 # -- a step ------------------------------------------------------------------------------
 
 
@@ -619,6 +652,8 @@ def test_a_server_with_tokens_asks_for_one(page: Page) -> None:
     store = open_store()
     secret = create_token(store, "ui-viewer", "viewer")
     try:
+        # The server caches for a moment whether tokens exist: wait until it wants one.
+        page.wait(lambda: page.site.status("/runs?limit=1") == 401, "the server to want a token")
         page.open("/")
         alert = page.find("[role=alert]")
         assert "API token" in alert.text
@@ -633,3 +668,4 @@ def test_a_server_with_tokens_asks_for_one(page: Page) -> None:
     finally:
         revoke_token(store, "ui-viewer")
         page.driver.execute_script("window.localStorage.clear()")
+        page.wait(lambda: page.site.status("/runs?limit=1") == 200, "the token to be gone")
