@@ -190,7 +190,7 @@ export async function render(view, _params, ctx) {
     const defs = schema.$defs || {};
     const required = new Set(schema.required || []);
     const fields = Object.entries(schema.properties || {}).map(([pname, ps]) =>
-      field(pname, ps, defs, required.has(pname), wf.name === wanted || from ? prefill[pname] : undefined),
+      field(pname, ps, defs, required.has(pname), from && wf.name === wanted ? prefill[pname] : undefined),
     );
     const summary = h("div", { id: "launch-errors", tabindex: "-1" });
     const submit = h("button", { type: "submit", class: "primary" }, `Launch ${wf.name}`);
