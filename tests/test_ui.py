@@ -4,7 +4,7 @@ The server is a `python -m keel server` subprocess on a free loopback port, on a
 store (SQLite under a KEEL_HOME of this module) that the tests fill by running
 workflows from tests/flows/ui_flows.py in this process; the server registers the
 same file, so its launch page can start them too. Chromium and ChromeDriver are
-Debian's (`.ci/run` installs them), driven by Selenium.
+Debian's (`make test` installs them: scripts/ensure-chromium.sh), driven by Selenium.
 
 Nothing here waits for a fixed time: every wait is for something to appear on the
 page (with a generous upper bound), and runs that must still be going when the
@@ -153,7 +153,7 @@ def same_store(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run does it)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make browser)")
     from selenium.webdriver.chrome.service import Service
 
     profile = tempfile.mkdtemp(prefix="keel-ui-chromium-")
