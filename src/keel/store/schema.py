@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 metadata = MetaData()
 
@@ -70,7 +70,9 @@ runs = Table(
     Index("ix_keel_runs_experiment", "experiment_id", "created_at"),
     Index("ix_keel_runs_created", "created_at"),
     Index("ix_keel_runs_status", "status"),
-    Index("ix_keel_runs_parent", "parent_id"),
+    # Serves both "children of a run" and the newest top-level runs (parent_id IS NULL
+    # ORDER BY created_at DESC) without sorting the table.
+    Index("ix_keel_runs_parent_created", "parent_id", "created_at", "id"),
 )
 
 steps = Table(
