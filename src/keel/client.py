@@ -35,6 +35,14 @@ class _Tracked:
 
     _store: MetadataStore
     _tracked_id: tuple[str, int]
+    _row: Any
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from start to end, None while it runs or if it never started."""
+        if self._row.started_at is None or self._row.ended_at is None:
+            return None
+        return float(self._row.ended_at - self._row.started_at)
 
     @property
     def data(self) -> RunData:
@@ -131,12 +139,6 @@ class Step(_Tracked):
     def __repr__(self) -> str:
         return f"<Step {self.key} {self.status}>"
 
-    @property
-    def duration(self) -> float | None:
-        if self._row.started_at is None or self._row.ended_at is None:
-            return None
-        return float(self._row.ended_at - self._row.started_at)
-
     @cached_property
     def attempts(self) -> list[Attempt]:
         return [
@@ -228,12 +230,6 @@ class Run(_Tracked):
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.workflow} {self.status}>"
-
-    @property
-    def duration(self) -> float | None:
-        if self._row.started_at is None or self._row.ended_at is None:
-            return None
-        return float(self._row.ended_at - self._row.started_at)
 
     @cached_property
     def steps(self) -> list[Step]:
