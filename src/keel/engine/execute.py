@@ -213,22 +213,24 @@ def _park(state: RunState, suspended: Suspended) -> RunOutcome:
     session = state.session
     wake_at = suspended.wake_at if suspended.wake_at is not None else time.time() + _NO_DEADLINE
     session.recorder.unwatch(state.run_id)
+    session.recorder.flush()  # the wait's deadline is durable before anyone may claim the run
+    row = session.store.get_run(state.run_id)
+    if row is None or not row.parent_id:
+        # Queued before the run is marked PENDING: a crash in between leaves a RUNNING run
+        # that is queued (continued when due), never a PENDING run no one will claim.
+        # A child run is continued by its parent's replay, never on its own.
+        queue.enqueue(
+            session.store,
+            kind="run",
+            run_id=state.run_id,
+            queue=(row.queue if row is not None and row.queue else "default"),
+            priority=(row.priority if row is not None and row.priority else 0),
+            not_before=wake_at,
+        )
     session.recorder.run_update(
         state.run_id, {"status": str(RunStatus.PENDING), "wake_at": wake_at}
     )
     session.recorder.flush()
-    row = session.store.get_run(state.run_id)
-    if row is not None and row.parent_id:
-        # A child run is continued by its parent's replay, never on its own.
-        return RunOutcome(state.run_id, RunStatus.PENDING, wake_at=wake_at)
-    queue.enqueue(
-        session.store,
-        kind="run",
-        run_id=state.run_id,
-        queue=(row.queue if row is not None and row.queue else "default"),
-        priority=(row.priority if row is not None and row.priority else 0),
-        not_before=wake_at,
-    )
     return RunOutcome(state.run_id, RunStatus.PENDING, wake_at=wake_at)
 
 
