@@ -181,6 +181,36 @@ def original(function: Any) -> Any:
 # -- the "outermost training call" guard ----------------------------------------------
 
 
+class PatchingIntegration:
+    """The shared skeleton of an integration that patches a library: subclasses set
+    `name` and `module` and implement `_install(config)` with `self._patches`."""
+
+    name: str
+    module: str
+
+    def __init__(self) -> None:
+        self._patches = Patches()
+        self._lock = threading.Lock()
+        self.config: AutologConfig | None = None
+
+    def is_available(self) -> bool:
+        return module_available(self.module)
+
+    def enable(self, config: AutologConfig) -> None:
+        with self._lock:
+            self.config = config
+            if not len(self._patches):  # patched once; a new config just replaces the old
+                self._install(config)
+
+    def disable(self) -> None:
+        with self._lock:
+            self.config = None
+            self._patches.restore()
+
+    def _install(self, config: AutologConfig) -> None:
+        raise TypeError(f"{type(self).__name__} must define _install")
+
+
 class _Depth(threading.local):
     value: int = 0
 

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from keel.tracking.autolog.base import (
     AutologConfig,
-    Patches,
+    PatchingIntegration,
     input_example,
     log_fitted_model,
     log_metrics_safely,
     log_params_safely,
     logger,
-    module_available,
     record_for,
     safely,
     stringify,
@@ -41,37 +39,21 @@ from keel.tracking.autolog.base import (
 _TRAIN_OWNERS = ("lightgbm", "lightgbm.engine", "lightgbm.sklearn")
 
 
-class LightGBMAutolog:
+class LightGBMAutolog(PatchingIntegration):
     """The LightGBM integration (registered as "lightgbm")."""
 
     name = "lightgbm"
+    module = "lightgbm"
 
-    def __init__(self) -> None:
-        self._patches = Patches()
-        self._lock = threading.Lock()
-        self.config: AutologConfig | None = None
-
-    def is_available(self) -> bool:
-        return module_available("lightgbm")
-
-    def enable(self, config: AutologConfig) -> None:
+    def _install(self, config: AutologConfig) -> None:
         import importlib
 
-        with self._lock:
-            self.config = config
-            if len(self._patches):
-                return
-            train = importlib.import_module("lightgbm.engine").train
-            patched = self._wrap_train(train)
-            for owner in _TRAIN_OWNERS:
-                module = importlib.import_module(owner)
-                if getattr(module, "train", None) is train:
-                    self._patches.replace(module, "train", lambda _: patched)
-
-    def disable(self) -> None:
-        with self._lock:
-            self.config = None
-            self._patches.restore()
+        train = importlib.import_module("lightgbm.engine").train
+        patched = self._wrap_train(train)
+        for owner in _TRAIN_OWNERS:
+            module = importlib.import_module(owner)
+            if getattr(module, "train", None) is train:
+                self._patches.replace(module, "train", lambda _: patched)
 
     def _wrap_train(self, train: Callable[..., Any]) -> Callable[..., Any]:
         integration = self

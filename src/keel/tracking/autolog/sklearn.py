@@ -29,21 +29,19 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from keel.tracking.autolog.base import (
     AutologConfig,
-    Patches,
+    PatchingIntegration,
     child_run,
     input_example,
     log_fitted_model,
     log_metrics_safely,
     log_params_safely,
     logger,
-    module_available,
     nested_training,
     original,
     record_for,
@@ -67,41 +65,25 @@ _CLONE_FITTERS = {
 _CV_PREFIXES = ("mean_", "std_", "rank_")
 
 
-class SklearnAutolog:
+class SklearnAutolog(PatchingIntegration):
     """The scikit-learn integration (registered as "sklearn")."""
 
     name = "sklearn"
+    module = "sklearn"
 
-    def __init__(self) -> None:
-        self._patches = Patches()
-        self._lock = threading.Lock()
-        self.config: AutologConfig | None = None
+    def _install(self, config: AutologConfig) -> None:
+        for cls in _estimator_classes():
+            self._patches.replace(cls, "fit", self._wrap_fit)
+        import importlib
 
-    def is_available(self) -> bool:
-        return module_available("sklearn")
-
-    def enable(self, config: AutologConfig) -> None:
-        with self._lock:
-            self.config = config
-            if len(self._patches):
-                return
-            for cls in _estimator_classes():
-                self._patches.replace(cls, "fit", self._wrap_fit)
-            import importlib
-
-            for module_name, names in _CLONE_FITTERS.items():
-                try:
-                    module = importlib.import_module(module_name)
-                except ImportError:
-                    continue
-                for name in names:
-                    if hasattr(module, name):
-                        self._patches.replace(module, name, _internal)
-
-    def disable(self) -> None:
-        with self._lock:
-            self.config = None
-            self._patches.restore()
+        for module_name, names in _CLONE_FITTERS.items():
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            for name in names:
+                if hasattr(module, name):
+                    self._patches.replace(module, name, _internal)
 
     def _wrap_fit(self, fit: Callable[..., Any]) -> Callable[..., Any]:
         integration = self
