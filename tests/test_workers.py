@@ -17,6 +17,7 @@ import textwrap
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,6 +169,55 @@ def test_a_killed_workers_run_is_resumed_by_another_after_its_lease(
     assert item.claims >= 2, "claimed by the first worker, then by the second"
     assert run_row(handle.id).pid == second.pid
     assert second.terminate() == 0, second.report()
+
+
+def test_each_collected_outcome_reaches_its_own_step(backend: str) -> None:
+    """Outcomes collected in one batch, while their callbacks queue further steps, go to
+    the step they belong to: the coordinator matches them by attempt, never by row id
+    (a collected row's id may be given out again)."""
+    import cloudpickle
+
+    from keel.executors.base import StepCall, StepOutcome
+    from keel.executors.queue import QueueExecutor
+    from keel.store.config import StoreConfig
+
+    config = StoreConfig.from_env()
+    executor = QueueExecutor(8)
+    delivered: dict[int, list[Any]] = {}
+    all_in = threading.Event()
+
+    def call(seq: int) -> StepCall:
+        return StepCall(
+            run_id="r-match", seq=seq, key=f"s-{seq}", task="s", fn=len, args=(), kwargs={},
+            attempt=1, artifacts_url=config.artifacts_url, inline_limit=0,
+            db_url=config.db_url,
+        )  # fmt: skip
+
+    def submit(seq: int) -> None:
+        def done(outcome: StepOutcome) -> None:
+            delivered.setdefault(seq, []).append(outcome.value)
+            if seq < 3:  # queued while the rest of the batch waits for delivery
+                submit(seq + 10)
+                submit(seq + 20)
+            if len(delivered) == 9:
+                all_in.set()
+
+        executor.submit(call(seq), done)
+
+    def report_all() -> None:
+        """Play the worker: claim what is queued, report each seq as its value."""
+        while (claim := queue.claim(store(), "w", ["default"], lease_seconds=30)) is not None:
+            outcome = StepOutcome(ok=True, started_at=0.0, ended_at=0.0, value=claim.seq)
+            assert queue.complete(store(), claim.id, "w", cloudpickle.dumps(outcome))
+
+    for seq in range(3):
+        submit(seq)
+    report_all()
+    wait_until("the first three outcomes", lambda: len(delivered) >= 3)
+    report_all()
+    wait_until("all nine outcomes", all_in.is_set)
+    executor.shutdown()
+    assert delivered == {seq: [seq] for seq in (0, 1, 2, 10, 11, 12, 20, 21, 22)}
 
 
 # -- claims ---------------------------------------------------------------------------------

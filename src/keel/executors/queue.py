@@ -9,6 +9,7 @@ queue row. A worker that dies loses its lease and the attempt is claimed again.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 import time
@@ -23,6 +24,9 @@ from keel.store.metadata import open_store
 from keel.store.retry import with_retry
 
 _POLL_SECONDS = 0.05
+_COLLECT_BATCH = 500  # keys per query, well under any database's bound-parameter limit
+
+log = logging.getLogger("keel.executors.queue")
 
 
 class QueueExecutor:
@@ -30,7 +34,9 @@ class QueueExecutor:
     in_process = False
 
     def __init__(self, max_workers: int) -> None:
-        self._pending: dict[int, tuple[StepCall, Callable[[StepOutcome], None]]] = {}
+        # Keyed by each attempt's unique queue key, never by row id: ids of collected
+        # rows may be handed out again while an older outcome is still being matched.
+        self._pending: dict[str, tuple[StepCall, Callable[[StepOutcome], None]]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -46,8 +52,9 @@ class QueueExecutor:
         )
         self._store = store
         payload = bytes(cloudpickle.dumps(call))
+        key = queue.step_key(call.run_id, call.seq, call.attempt)
 
-        def put() -> int | None:
+        def put() -> None:
             # Queuing an attempt twice is a no-op, so a retry after a blip is safe.
             queue.enqueue(
                 store,
@@ -60,20 +67,18 @@ class QueueExecutor:
                 priority=int(call.options.get("priority") or 0),
                 payload=payload,
             )
-            return queue.item_id_for(store, f"step:{call.run_id}:{call.seq}:{call.attempt}")
 
         try:
-            item_id = with_retry(put, what=f"queuing step {call.key}")
+            # An attempt a previous coordinator queued is found, not queued again: its
+            # outcome (if a worker already reported it) is collected below.
+            with_retry(put, what=f"queuing step {call.key}")
         except KeelError as exc:
             exc.run_id, exc.step_key = call.run_id, call.key
             exc.args = (exc._render(),)
             done(failure(exc, started, tb=""))
             return
-        if item_id is None:  # consumed meanwhile by a previous coordinator: run it again
-            done(failure(KeelError("the queued attempt vanished", run_id=call.run_id), started))
-            return
         with self._lock:
-            self._pending[item_id] = (call, done)
+            self._pending[key] = (call, done)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._poll, name="keel-queue", daemon=True)
                 self._thread.start()
@@ -81,24 +86,34 @@ class QueueExecutor:
     def _poll(self) -> None:
         while not self._closed:
             with self._lock:
-                ids = list(self._pending)
-            if ids:
+                keys = list(self._pending)
+            for start in range(0, len(keys), _COLLECT_BATCH):
                 try:
-                    finished = queue.finished_outcomes(self._store, ids)
+                    finished = queue.finished_outcomes(
+                        self._store, keys[start : start + _COLLECT_BATCH]
+                    )
                 except Exception:  # the database blipped: ask again shortly
-                    finished = []
-                for item_id, data in finished:
-                    with self._lock:
-                        entry = self._pending.pop(item_id, None)
-                    if entry is None:
-                        continue
-                    _, done = entry
-                    try:
-                        outcome: StepOutcome = pickle.loads(data)
-                    except Exception as exc:
-                        outcome = failure(exc, time.time())
-                    done(outcome)
+                    break
+                for key, data in finished:
+                    self._deliver(key, data)
             time.sleep(_POLL_SECONDS)
+
+    def _deliver(self, key: str, data: bytes) -> None:
+        with self._lock:
+            entry = self._pending.pop(key, None)
+        if entry is None:
+            return
+        call, done = entry
+        try:
+            outcome: StepOutcome = pickle.loads(data)
+        except Exception as exc:
+            outcome = failure(exc, time.time())
+        try:
+            done(outcome)
+        except Exception:
+            # A bug downstream must not stop this thread: every other step of every
+            # run this coordinator follows would wait forever.
+            log.exception("handling the outcome of step %s/%s failed", call.run_id, call.key)
 
     def cancel(self, run_id: str) -> None:
         """Attempts already queued stay queued; the engine ignores what they return."""

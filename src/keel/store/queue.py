@@ -69,6 +69,12 @@ def _insert_ignore(store: MetadataStore, conn: sa.Connection, row: dict[str, Any
     conn.execute(insert(queue_items).on_conflict_do_nothing(index_elements=["dedupe"]), [row])
 
 
+def step_key(run_id: str, seq: int | None, attempt: int | None) -> str:
+    """The unique name of one step attempt's queue entry (its row id is not: a row
+    id can be reused once its row is collected)."""
+    return f"step:{run_id}:{seq}:{attempt}"
+
+
 def enqueue(
     store: MetadataStore,
     *,
@@ -87,7 +93,7 @@ def enqueue(
     if pool is not None:
         check_pool(store, pool)
     now = time.time()
-    dedupe = f"run:{run_id}" if kind == "run" else f"step:{run_id}:{seq}:{attempt}"
+    dedupe = f"run:{run_id}" if kind == "run" else step_key(run_id, seq, attempt)
     row = {
         "dedupe": dedupe,
         "kind": kind,
@@ -305,19 +311,20 @@ def release(
         )
 
 
-def finished_outcomes(store: MetadataStore, item_ids: Sequence[int]) -> list[tuple[int, bytes]]:
-    """Outcomes of done step items among `item_ids` (removing them from the queue)."""
-    if not item_ids:
+def finished_outcomes(store: MetadataStore, keys: Sequence[str]) -> list[tuple[str, bytes]]:
+    """Outcomes of the done step attempts among `keys` (their step_key), removed from
+    the queue in the same transaction as they are read."""
+    if not keys:
         return []
     with store.engine.begin() as conn:
         rows = conn.execute(
-            sa.select(queue_items.c.id, queue_items.c.outcome).where(
-                queue_items.c.id.in_(list(item_ids)), queue_items.c.status == DONE
+            sa.select(queue_items.c.id, queue_items.c.dedupe, queue_items.c.outcome).where(
+                queue_items.c.dedupe.in_(list(keys)), queue_items.c.status == DONE
             )
         ).all()
         if rows:
             conn.execute(queue_items.delete().where(queue_items.c.id.in_([r[0] for r in rows])))
-    return [(int(r[0]), bytes(r[1] or b"")) for r in rows]
+    return [(str(r[1]), bytes(r[2] or b"")) for r in rows]
 
 
 def item_id_for(store: MetadataStore, dedupe: str) -> int | None:

@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 metadata = MetaData()
 
@@ -320,6 +320,8 @@ queue_items = Table(
     Column("done_at", Float),
     Index("ix_keel_queue_claim", "status", "queue", "priority", "not_before"),
     Index("ix_keel_queue_run", "run_id"),
+    # Ids name claims; SQLite would otherwise reuse the id of a collected newest row.
+    sqlite_autoincrement=True,
 )
 
 workers = Table(

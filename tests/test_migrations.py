@@ -1,0 +1,94 @@
+"""The Alembic migrations: a fresh database built by them is the schema the code
+declares, and upgrading an older store keeps what it holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+
+from keel.store import queue, schema
+from keel.store.metadata import open_store
+from keel.store.migrations.env_names import VERSION_TABLE
+
+MIGRATIONS = Path(schema.__file__).parent / "migrations"
+
+
+def upgrade(engine: sa.Engine, revision: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def test_migrations_build_the_declared_schema(backend: str) -> None:
+    store = open_store()
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        diff = compare_metadata(context, schema.metadata)
+    assert diff == [], diff
+
+
+def test_upgrading_to_0007_keeps_queued_items_and_stops_reusing_ids(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    upgrade(engine, "0006")
+    row = {
+        "dedupe": "step:r1:0:1",
+        "kind": "step",
+        "run_id": "r1",
+        "seq": 0,
+        "attempt": 1,
+        "queue": "default",
+        "priority": 0,
+        "not_before": 0.0,
+        "status": "queued",
+        "claims": 0,
+        "payload": b"call",
+        "created_at": 0.0,
+    }
+    with engine.begin() as conn:
+        conn.execute(schema.queue_items.insert(), [row, {**row, "dedupe": "step:r1:1:1"}])
+        # Before 0007, SQLite hands the id of a deleted newest row out again.
+        conn.execute(schema.queue_items.delete().where(schema.queue_items.c.id == 2))
+        conn.execute(schema.queue_items.insert(), [{**row, "dedupe": "step:r1:2:1"}])
+        reused = conn.execute(
+            sa.select(schema.queue_items.c.id).where(schema.queue_items.c.dedupe == "step:r1:2:1")
+        ).scalar()
+        assert reused == 2
+    upgrade(engine, "0007")
+    with engine.begin() as conn:
+        kept = conn.execute(
+            sa.select(schema.queue_items.c.id, schema.queue_items.c.payload).order_by("id")
+        ).all()
+        assert [tuple(r) for r in kept] == [(1, b"call"), (2, b"call")]
+        conn.execute(schema.queue_items.delete().where(schema.queue_items.c.id == 2))
+        conn.execute(schema.queue_items.insert(), [{**row, "dedupe": "step:r1:3:1"}])
+        fresh = conn.execute(
+            sa.select(schema.queue_items.c.id).where(schema.queue_items.c.dedupe == "step:r1:3:1")
+        ).scalar()
+    assert fresh == 3
+    engine.dispose()
+
+
+def test_collected_queue_ids_are_not_handed_out_again(backend: str) -> None:
+    store = open_store()
+    for seq in range(3):
+        queue.enqueue(store, kind="step", run_id="r1", seq=seq, attempt=1, payload=b"x")
+    claims = [queue.claim(store, "w", ["default"], lease_seconds=30) for _ in range(3)]
+    ids = []
+    for claim in claims:
+        assert claim is not None
+        ids.append(claim.id)
+        assert queue.complete(store, claim.id, "w", b"outcome")
+    keys = [queue.step_key("r1", seq, 1) for seq in range(3)]
+    assert sorted(queue.finished_outcomes(store, keys)) == [(k, b"outcome") for k in keys]
+    assert queue.finished_outcomes(store, keys) == []  # collected once
+    queue.enqueue(store, kind="step", run_id="r1", seq=3, attempt=1, payload=b"x")
+    again = queue.claim(store, "w", ["default"], lease_seconds=30)
+    assert again is not None
+    assert again.id not in ids
