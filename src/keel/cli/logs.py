@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from itertools import groupby
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from keel.cli.common import EXIT_USAGE, fail, open_client
+from keel.status import FINISHED_RUN
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -15,22 +17,70 @@ if TYPE_CHECKING:
     from keel.client import Client, Run
 
 STREAM_STYLES = {"stdout": "", "stderr": "red", "log": "cyan"}
+FOLLOW_POLL_SECONDS = 0.5
 
 
 def _print_chunks(out: Console, rows: list[Any], keys: dict[int, str], run_id: str) -> int:
     """Print log rows grouped by step and attempt; returns how many groups there were."""
-    from rich.text import Text
-
     rows = sorted(rows, key=lambda r: (r.seq, r.attempt, r.id))
     groups = 0
     for (seq, attempt), chunk in groupby(rows, key=lambda r: (r.seq, r.attempt)):
         groups += 1
-        key = keys.get(seq, f"#{seq}")
-        out.print(Text(f"── {run_id} {key} · attempt {attempt} ──", style="bold dim"))
+        _print_header(out, run_id, keys.get(seq, f"#{seq}"), attempt)
         for row in chunk:
-            text = row.text if row.text.endswith("\n") else row.text + "\n"
-            out.print(Text(text, style=STREAM_STYLES.get(row.stream, "")), end="")
+            _print_row(out, row)
     return groups
+
+
+def _print_header(out: Console, run_id: str, key: str, attempt: int) -> None:
+    from rich.text import Text
+
+    out.print(Text(f"── {run_id} {key} · attempt {attempt} ──", style="bold dim"))
+
+
+def _print_row(out: Console, row: Any) -> None:
+    from rich.text import Text
+
+    text = row.text if row.text.endswith("\n") else row.text + "\n"
+    out.print(Text(text, style=STREAM_STYLES.get(row.stream, "")), end="")
+
+
+def _follow(
+    out: Console, client: Client, run: Run, step: tuple[int, str] | None, attempt: int | None
+) -> None:
+    """Print output as it is recorded, in recorded order, until the run (and with no
+    STEP given, its child runs) has ended and everything it recorded is printed."""
+    store = client.store
+    cursors: dict[str, int] = {}
+    keys: dict[str, dict[int, str]] = {}
+    header: tuple[str, int, int] | None = None
+    while True:
+        top = store.get_run(run.id)
+        # The status is read before the rows: rows committed before the end are all seen.
+        ended = top is None or top.status in FINISHED_RUN
+        followed = [run] if step is not None else _descendants(client, run)
+        printed = False
+        for each in followed:
+            seq = None if step is None else step[0]
+            for row in store.load_logs(each.id, seq, attempt, after=cursors.get(each.id)):
+                if header != (each.id, row.seq, row.attempt):
+                    header = (each.id, row.seq, row.attempt)
+                    _print_header(out, each.id, _step_key(keys, each, row.seq), row.attempt)
+                _print_row(out, row)
+                cursors[each.id] = row.id
+                printed = True
+        if ended and not printed:
+            return
+        if not printed:
+            time.sleep(FOLLOW_POLL_SECONDS)
+
+
+def _step_key(keys: dict[str, dict[int, str]], run: Run, seq: int) -> str:
+    """A step's key by position, read again only when a new step appears."""
+    known = keys.get(run.id, {})
+    if seq not in known:
+        known = keys[run.id] = {s.seq: s.key for s in run.steps}
+    return known.get(seq, f"#{seq}")
 
 
 def _descendants(client: Client, run: Run, depth: int = 0) -> list[Run]:
@@ -51,6 +101,12 @@ def logs(
     attempt: Annotated[
         int | None, typer.Option("--attempt", min=1, help="Only this attempt of the step")
     ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", "-f", help="Keep printing output as steps print it, until the run ends"
+        ),
+    ] = False,
 ) -> None:
     """Show the captured stdout, stderr and logging of a run's steps."""
     from keel.cli.display import console
@@ -59,13 +115,20 @@ def logs(
     run = client.run(run_id)
     out = console()
     store = client.store
+    if step is None and attempt is not None:
+        fail(
+            "--attempt needs a STEP",
+            hint=f"e.g. keel logs {run.id} STEP --attempt 2",
+            code=EXIT_USAGE,
+        )
+    if follow:
+        chosen_step = None if step is None else run.step(step)
+        _follow(
+            out, client, run, None if chosen_step is None else (chosen_step.seq, chosen_step.key),
+            attempt,
+        )  # fmt: skip
+        return
     if step is None:
-        if attempt is not None:
-            fail(
-                "--attempt needs a STEP",
-                hint=f"e.g. keel logs {run.id} STEP --attempt 2",
-                code=EXIT_USAGE,
-            )
         groups = 0
         for each in _descendants(client, run):
             keys = {s.seq: s.key for s in each.steps}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from keel.errors import KeelError, qualified_name
-from keel.executors import capture
+from keel.executors import capture, live_logs
 from keel.sdk.context import StepContext, set_step
 from keel.store.values import StoredValue, store_value
 
@@ -151,6 +151,7 @@ def execute_step(call: StepCall) -> StepOutcome:
     capture.install()
     buffer = capture.StepLogBuffer()
     capture.set_buffer(buffer)
+    live: live_logs.Attempt | None = None
     previous = set_step(
         StepContext(
             run_id=call.run_id,
@@ -165,7 +166,11 @@ def execute_step(call: StepCall) -> StepOutcome:
         )
     )
     started = time.time()
+    outcome: StepOutcome | None = None
     try:
+        live = live_logs.follow(
+            call.run_id, call.seq, call.attempt, call.db_url, call.artifacts_url, buffer
+        )
         args = _resolve(call.args, call.artifacts_url) if call.args else ()
         kwargs = _resolve(call.kwargs, call.artifacts_url) if call.kwargs else {}
         if call.is_async:
@@ -181,16 +186,22 @@ def execute_step(call: StepCall) -> StepOutcome:
             describe=lambda: f"output of step {call.key}",
         )
         if call.keep_value:
-            return StepOutcome(True, started, time.time(), stored, value, True, logs=buffer.chunks)
-        return StepOutcome(True, started, time.time(), stored, logs=buffer.chunks)
+            outcome = StepOutcome(True, started, time.time(), stored, value, True)
+        else:
+            outcome = StepOutcome(True, started, time.time(), stored)
     except Exception as exc:
         if isinstance(exc, KeelError) and exc.step_key is None:
             exc.step_key = call.key
             exc.run_id = call.run_id
             exc.args = (exc._render(),)
-        return failure(exc, started, logs=buffer.chunks)
+        outcome = failure(exc, started)
     finally:
         for hook in after_step_hooks:
             hook(call)
         set_step(previous)
         capture.set_buffer(None)
+        rest = live_logs.end(live, buffer, away=not call.keep_value)
+        if outcome is not None:
+            outcome.logs = rest
+    assert outcome is not None  # set by the try or the except above
+    return outcome

@@ -15,18 +15,27 @@ from typing import Any, TextIO
 
 
 class StepLogBuffer:
-    """What one attempt printed and logged, as (stream, text) chunks in order."""
+    """What one attempt printed and logged and nobody has taken yet, as (stream, text)
+    chunks in order. The step's threads write; live_logs takes while it runs."""
 
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "lock")
 
     def __init__(self) -> None:
         self.chunks: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
 
     def write(self, stream: str, text: str) -> None:
-        if self.chunks and self.chunks[-1][0] == stream:
-            self.chunks[-1] = (stream, self.chunks[-1][1] + text)
-        else:
-            self.chunks.append((stream, text))
+        with self.lock:
+            chunks = self.chunks
+            if chunks and chunks[-1][0] == stream:
+                chunks[-1] = (stream, chunks[-1][1] + text)
+            else:
+                chunks.append((stream, text))
+
+    def take_locked(self) -> list[tuple[str, str]]:
+        """The chunks written since the last take (the caller holds `lock`)."""
+        taken, self.chunks = self.chunks, []
+        return taken
 
 
 _local = threading.local()

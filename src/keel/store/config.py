@@ -9,6 +9,9 @@
 - `KEEL_FLUSH_INTERVAL` (default 0.01 s): how long recorded events (step records,
   metrics, params) gather before they are committed together. A crash loses at
   most what was recorded during the last interval (steps then run again).
+- `KEEL_LIVE_LOG_INTERVAL` (default 1 s, 0 turns it off): how often what a running
+  step printed so far is recorded (read where the step runs; see
+  executors/live_logs.py).
 """
 
 from __future__ import annotations
@@ -43,20 +46,27 @@ class StoreConfig:
                 f"KEEL_INLINE_LIMIT must be a whole number of bytes, got {raw_limit!r}",
                 hint="Unset it or set it to e.g. 16384",
             ) from None
-        raw_interval = os.environ.get("KEEL_FLUSH_INTERVAL", str(DEFAULT_FLUSH_INTERVAL))
-        try:
-            interval = float(raw_interval)
-            if not 0 <= interval <= 60:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(
-                f"KEEL_FLUSH_INTERVAL must be a number of seconds between 0 and 60, "
-                f"got {raw_interval!r}",
-                hint="Unset it or set it to e.g. 0.01",
-            ) from None
+        interval = env_seconds("KEEL_FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL, high=60)
         return cls(
             db_url=db,
             artifacts_url=artifacts,
             inline_limit=max(0, limit),
             flush_interval=interval,
         )
+
+
+def env_seconds(name: str, default: float, *, high: float) -> float:
+    """A number of seconds from the environment, between 0 and `high`."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+        if not 0 <= value <= high:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"{name} must be a number of seconds between 0 and {high:g}, got {raw!r}",
+            hint=f"Unset it or set it to e.g. {default:g}",
+        ) from None
+    return value

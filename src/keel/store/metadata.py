@@ -372,13 +372,21 @@ class MetadataStore:
             return list(conn.execute(stmt.order_by(attempts.c.seq, attempts.c.attempt)))
 
     def load_logs(
-        self, run_id: str, seq: int | None = None, attempt: int | None = None
+        self,
+        run_id: str,
+        seq: int | None = None,
+        attempt: int | None = None,
+        *,
+        after: int | None = None,
     ) -> list[Row[Any]]:
+        """Log rows in recorded order; `after`: only those with a larger id."""
         stmt = sa.select(logs).where(logs.c.run_id == run_id)
         if seq is not None:
             stmt = stmt.where(logs.c.seq == seq)
         if attempt is not None:
             stmt = stmt.where(logs.c.attempt == attempt)
+        if after is not None:
+            stmt = stmt.where(logs.c.id > after)
         with self.engine.connect() as conn:
             return list(conn.execute(stmt.order_by(logs.c.id)))
 

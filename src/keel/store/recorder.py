@@ -59,6 +59,8 @@ class Recorder:
 
     def logs(self, rows: list[dict[str, Any]]) -> None:
         self._queue.put(("logs", rows))
+        if self._thread is None:  # live logs may be a worker process's first event
+            self._ensure_thread()
 
     def artifact(self, row: dict[str, Any]) -> None:
         self._queue.put(("artifact", row))
