@@ -6,6 +6,7 @@ the table)."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -145,6 +146,19 @@ def test_server_refuses_to_listen_beyond_loopback_without_tokens() -> None:
         done = _keel("server", "--host", host, "--port", str(free_port()))
         assert done.returncode == 2, done
         assert "refusing to listen" in done.stderr and "keel token create" in done.stderr
+
+
+def test_a_taken_port_is_a_one_line_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for command in (("server", "--port", port), ("ui", "--port", port, "--no-open")):
+            done = _keel(*command)
+            assert done.returncode == 2, done
+            assert done.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: "), done
+            assert "in use" in done.stderr and "--port" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr + done.stdout
 
 
 @pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import threading
@@ -45,8 +46,33 @@ def build_app(store: MetadataStore, refs: list[str], dispatch: str) -> FastAPI:
     return app
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail with one clear line before uvicorn would (its own failure is a log line
+    and exit code 3): the port is taken, or the address is not this machine's."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            # As uvicorn does: a port left in TIME_WAIT by a previous server is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        fail(
+            f"cannot listen on {host}:{port}: {reason}",
+            hint="Pick another port with --port"
+            if exc.errno == errno.EADDRINUSE
+            else "Check --host: it must be an address of this machine (e.g. 127.0.0.1)",
+            code=EXIT_USAGE,
+        )
+
+
 def _serve(app: FastAPI, host: str, port: int, ready: threading.Event | None = None) -> None:
     import uvicorn
+
+    _check_can_listen(host, port)
 
     config = uvicorn.Config(
         app,
@@ -65,7 +91,10 @@ def _serve(app: FastAPI, host: str, port: int, ready: threading.Event | None = N
                 ready.set()
 
         threading.Thread(target=wait, daemon=True).start()
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's own exit when binding fails after all (a race)
+        pass
     if not server.started:
         fail(
             f"could not listen on {host}:{port}",
