@@ -342,3 +342,83 @@ def test_futures_nested_deep_in_inputs_hash_by_content(
     hit = keel.Client().run(second.id).step("cache_nested_total-3")
     assert hit.status == "CACHED"
     assert sorted(hit.deps) == [0, 1, 2]
+
+
+@keel.workflow(name="cache_plain_list")
+def plain_list(values: list[int], path: str) -> int:
+    return sum_all([v % 2 for v in values], path)
+
+
+def test_a_list_of_futures_and_the_equal_plain_list_share_an_entry(
+    backend: str, executor: str, out: Path
+) -> None:
+    futures = keel.run(list_of_futures, values=[1, 2, 3], path=str(out))
+    plain = keel.run(plain_list, values=[1, 2, 3], path=str(out))
+    assert futures.result() == plain.result() == 2
+    assert [line for line in _lines(out) if line.startswith("sum_all")] == ["sum_all [1, 0, 1]"]
+    hit = keel.Client().run(plain.id).step("cache_sum_all-0")
+    assert hit.status == "CACHED"
+    assert hit.cached_from == f"{futures.id}/cache_sum_all-3"
+
+
+@keel.task(name="cache_settings", cache=True)
+def settings_of(config: dict[str, object], path: str) -> str:
+    _append(path, f"settings_of {sorted(config)}")
+    return ",".join(f"{k}={config[k]}" for k in sorted(config))
+
+
+@keel.task(name="cache_make_config")
+def make_config(order: list[str]) -> dict[str, object]:
+    base: dict[str, object] = {"lr": 0.1, "depth": 3, "nested": {"b": 1, "a": [1, 2]}}
+    return {k: base[k] for k in order}
+
+
+@keel.workflow(name="cache_dict_order")
+def dict_order(order: list[str], path: str, through_step: bool = False) -> str:
+    if through_step:
+        return settings_of(make_config(order), path)
+    base: dict[str, object] = {"lr": 0.1, "depth": 3, "nested": {"a": [1, 2], "b": 1}}
+    return settings_of({k: base[k] for k in order}, path)
+
+
+def test_equal_dicts_in_any_order_share_an_entry(backend: str, out: Path) -> None:
+    first = keel.run(dict_order, order=["lr", "depth", "nested"], path=str(out))
+    second = keel.run(dict_order, order=["nested", "depth", "lr"], path=str(out))
+    third = keel.run(dict_order, order=["depth", "lr", "nested"], path=str(out), through_step=True)
+    assert first.result() == second.result() == third.result()
+    assert [line for line in _lines(out) if line.startswith("settings_of")] == [
+        "settings_of ['depth', 'lr', 'nested']"
+    ]
+    assert keel.Client().run(second.id).step("cache_settings-0").status == "CACHED"
+    assert keel.Client().run(third.id).step("cache_settings-1").status == "CACHED"
+    # A different value still misses.
+    other = keel.run(dict_order, order=["lr", "depth"], path=str(out))
+    assert keel.Client().run(other.id).step("cache_settings-0").status == "SUCCEEDED"
+
+
+@keel.task(name="cache_count_items", cache=True)
+def count_items(parts: list[list[int]], path: str) -> int:
+    _append(path, f"count_items {len(parts)}")
+    return sum(len(p) for p in parts)
+
+
+@keel.workflow(name="cache_big_parts")
+def big_parts(n: int, path: str) -> int:
+    return count_items([big.submit(n, path), big.submit(n + 1, path)], path)
+
+
+def test_futures_whose_values_live_in_the_artifact_store_key_by_digest(
+    backend: str, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEEL_INLINE_LIMIT", "64")
+    first = keel.run(big_parts, n=100, path=str(out))
+    second = keel.run(big_parts, n=100, path=str(out))
+    third = keel.run(big_parts, n=101, path=str(out))
+    assert first.result() == second.result() == 201
+    assert third.result() == 203
+    assert keel.Client().run(second.id).step("cache_count_items-2").status == "CACHED"
+    assert keel.Client().run(third.id).step("cache_count_items-2").status == "SUCCEEDED"
+    assert [line for line in _lines(out) if line.startswith("count_items")] == [
+        "count_items 2",
+        "count_items 2",
+    ]

@@ -8,8 +8,32 @@ from typing import Any
 
 from keel.sdk.definitions import Task
 from keel.sdk.futures import StepFuture
-from keel.store.serializers import encode
+from keel.store.serializers import decode, encode, serializer_for
 from keel.store.values import content_digest
+
+_MISSING = object()
+
+
+def _resolved(value: Any) -> Any:
+    """`value` with every future replaced by its recorded value when that value is
+    inline (small), so a list of futures keys like the equal plain list; _MISSING
+    when a future's value lives in the artifact store (it is then keyed by digest)."""
+    if isinstance(value, StepFuture):
+        stored = value.stored
+        if stored.inline is None:
+            return _MISSING
+        return decode(stored.serializer, stored.inline)
+    if isinstance(value, (list, tuple)):
+        items = [_resolved(v) for v in value]
+        if any(v is _MISSING for v in items):
+            return _MISSING
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        resolved = {k: _resolved(v) for k, v in value.items()}
+        if any(v is _MISSING for v in resolved.values()):
+            return _MISSING
+        return resolved
+    return value
 
 
 def _has_future(value: Any) -> bool:
@@ -22,8 +46,23 @@ def _has_future(value: Any) -> bool:
     return False
 
 
+def _value_digest(value: Any, what: str) -> str:
+    """The content hash of a plain value. JSON-like data is hashed with sorted keys:
+    equal dicts key alike whatever order their items were inserted in."""
+    if serializer_for(value).name == "json":
+        canonical = json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+        return content_digest("json", canonical.encode())
+    enc = encode(value, describe=lambda: what)
+    return content_digest(enc.serializer, enc.data)
+
+
 def _input_digest(value: Any, what: str) -> str:
-    """The content hash of one input; futures (at any depth) by their recorded output."""
+    """The content hash of one input, futures (at any depth) by their recorded output:
+    by value when it is small, else by its digest."""
+    if _has_future(value):
+        resolved = _resolved(value)
+        if resolved is not _MISSING:
+            return _value_digest(resolved, what)
     if isinstance(value, StepFuture):
         return value.stored.digest  # type: ignore[no-any-return]
     if isinstance(value, (list, tuple)) and _has_future(value):
@@ -34,8 +73,7 @@ def _input_digest(value: Any, what: str) -> str:
             f"{k!r}:{_input_digest(v, what)}" for k, v in sorted(value.items(), key=repr)
         )
         return hashlib.sha256(f"dict{{{inner}}}".encode()).hexdigest()
-    enc = encode(value, describe=lambda: what)
-    return content_digest(enc.serializer, enc.data)
+    return _value_digest(value, what)
 
 
 def cache_parts(
