@@ -523,9 +523,9 @@ def scheduler(
     previous = {
         sig: signals.signal(sig, lambda *_: stop.set()) for sig in (signals.SIGINT, signals.SIGTERM)
     }
-    from keel.store.metadata import _describe_url
+    from keel.store.metadata import describe_url
 
-    typer.echo(f"scheduler watching {_describe_url(store.url)}: stop it with Ctrl-C or SIGTERM")
+    typer.echo(f"scheduler watching {describe_url(store.url)}: stop it with Ctrl-C or SIGTERM")
     try:
         sched.run(stop, on_pass=report)
     finally:

@@ -38,7 +38,7 @@ def _load(ref: str) -> None:
     import importlib
 
     from keel.errors import DefinitionError
-    from keel.sdk.loader import _module_from_file, load_workflow
+    from keel.sdk.loader import load_workflow, module_from_file
 
     make_cwd_importable()
     if ":" in ref:
@@ -51,7 +51,7 @@ def _load(ref: str) -> None:
             path = Path(ref).expanduser()
             if not path.is_file():
                 fail(f"--load {ref}: no such file", code=EXIT_USAGE)
-            _module_from_file(path)
+            module_from_file(path)
         else:
             importlib.import_module(ref)
     except (DefinitionError, typer.Exit):

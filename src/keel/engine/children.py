@@ -31,10 +31,10 @@ def _child_main(parent: RunState, step: StepState) -> None:
             dep.result()  # the child starts once its inputs exist
         args = _substitute(step.args, True)
         kwargs = _substitute(step.kwargs, True)
-        from keel.executors.base import _resolve
+        from keel.executors.base import resolve_refs
 
-        args = _resolve(args, session.artifacts_url)
-        kwargs = _resolve(kwargs, session.artifacts_url)
+        args = resolve_refs(args, session.artifacts_url)
+        kwargs = resolve_refs(kwargs, session.artifacts_url)
         bound = workflow.signature.bind(*args, **kwargs)
         params = workflow.validate(bound.arguments, require_json=False)
         child_id = step.child_run_id

@@ -125,17 +125,18 @@ def failure(
     )
 
 
-def _resolve(value: Any, artifacts_url: str) -> Any:
+def resolve_refs(value: Any, artifacts_url: str) -> Any:
+    """`value` with every ValueRef (at any depth in lists, tuples, dicts) loaded."""
     kind = type(value)
     if kind is ValueRef:
         return value.stored.load(artifacts_url)
     if kind is list or kind is tuple:
         if any(type(v) is ValueRef or type(v) in (list, tuple, dict) for v in value):
-            return kind(_resolve(v, artifacts_url) for v in value)
+            return kind(resolve_refs(v, artifacts_url) for v in value)
     elif kind is dict and any(
         type(v) is ValueRef or type(v) in (list, tuple, dict) for v in value.values()
     ):
-        return {k: _resolve(v, artifacts_url) for k, v in value.items()}
+        return {k: resolve_refs(v, artifacts_url) for k, v in value.items()}
     return value
 
 
@@ -171,8 +172,8 @@ def execute_step(call: StepCall) -> StepOutcome:
         live = live_logs.follow(
             call.run_id, call.seq, call.attempt, call.db_url, call.artifacts_url, buffer
         )
-        args = _resolve(call.args, call.artifacts_url) if call.args else ()
-        kwargs = _resolve(call.kwargs, call.artifacts_url) if call.kwargs else {}
+        args = resolve_refs(call.args, call.artifacts_url) if call.args else ()
+        kwargs = resolve_refs(call.kwargs, call.artifacts_url) if call.kwargs else {}
         if call.is_async:
             import asyncio
 

@@ -44,7 +44,7 @@ from keel.scheduler.launch import (
     prepare,
     takes_logical_date,
 )
-from keel.sdk.definitions import Workflow, _check_queue_name, registered_workflows
+from keel.sdk.definitions import Workflow, check_queue_name, registered_workflows
 from keel.sdk.schedule import Schedule, check_name, check_policies
 from keel.store.metadata import MetadataStore, open_store
 from keel.store.schema import runs, ticks
@@ -203,7 +203,7 @@ def add(
     wf = resolve_workflow(workflow)
     cadence = Cadence.parse(cron=cron, every=every, timezone=timezone)
     check_policies(catchup, overlap, max_active_runs)
-    queue_name = _check_queue_name(queue, f"schedule {name}") or wf.queue
+    queue_name = check_queue_name(queue, f"schedule {name}") or wf.queue
     static = check_params(wf, params, cadence)
     now = time.time()
     start_at = parse_instant(start, cadence.tz, "start") if start is not None else now
@@ -394,7 +394,7 @@ def _load_code(ref: str) -> None:
     import importlib
     from pathlib import Path
 
-    from keel.sdk.loader import _module_from_file
+    from keel.sdk.loader import module_from_file
 
     if ":" in ref:
         resolve_workflow(ref)
@@ -402,7 +402,7 @@ def _load_code(ref: str) -> None:
         path = Path(ref).expanduser()
         if not path.is_file():
             raise ScheduleError(f"no such file: {ref}", hint="Check the path")
-        _module_from_file(path)
+        module_from_file(path)
     else:
         try:
             importlib.import_module(ref)

@@ -76,7 +76,7 @@ def _check_executor(executor: str | None, where: str) -> None:
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:")
 
 
-def _check_queue_name(name: str | None, where: str) -> str | None:
+def check_queue_name(name: str | None, where: str) -> str | None:
     if name is not None and (
         not isinstance(name, str) or not name or len(name) > 100 or set(name) - _NAME_CHARS
     ):
@@ -361,8 +361,8 @@ def task(
             resources=res,
             max_concurrency=max_concurrency,
             executor_options=dict(executor_options or {}),
-            queue=_check_queue_name(queue, where),
-            pool=_check_queue_name(pool, where),
+            queue=check_queue_name(queue, where),
+            pool=check_queue_name(pool, where),
             priority=priority,
         )
         return Task(f, opts)
@@ -438,7 +438,7 @@ def workflow(
             max_concurrency=max_concurrency,
             tags=tags or {},
             experiment=experiment,
-            queue=_check_queue_name(queue, f"workflow {wf_name}") or "default",
+            queue=check_queue_name(queue, f"workflow {wf_name}") or "default",
             priority=priority,
         )
         if schedule is not None or params or timezone or catchup or overlap or max_active_runs:

@@ -13,7 +13,7 @@ from keel.errors import DefinitionError
 from keel.sdk.definitions import Workflow
 
 
-def _module_from_file(path: Path) -> Any:
+def module_from_file(path: Path) -> Any:
     resolved = path.resolve()
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
     name = f"keel_user_{resolved.stem}_{digest}"
@@ -58,7 +58,7 @@ def load_workflow(ref: str) -> Workflow[Any, Any]:
             raise DefinitionError(
                 f"no such file: {target}", hint="Check the path (relative to the current folder)"
             )
-        module = _module_from_file(path)
+        module = module_from_file(path)
     else:
         try:
             module = importlib.import_module(target)

@@ -88,7 +88,7 @@ class WorkflowRegistry:
 
 def load_refs(ref: str) -> list[Workflow[Any, Any]]:
     """`file.py:name` / `module:name` (one workflow) or `file.py` / `module` (all of them)."""
-    from keel.sdk.loader import _module_from_file, load_workflow
+    from keel.sdk.loader import load_workflow, module_from_file
 
     text = ref.strip()
     target, sep, attr = text.rpartition(":")
@@ -98,7 +98,7 @@ def load_refs(ref: str) -> list[Workflow[Any, Any]]:
         path = Path(text).expanduser()
         if not path.is_file():
             raise DefinitionError(f"no such file: {text}", hint="Check the path to the workflows")
-        module = _module_from_file(path)
+        module = module_from_file(path)
     else:
         try:
             module = importlib.import_module(text)

@@ -67,7 +67,7 @@ TRACKING_COLUMNS = {
 }
 
 
-def _describe_url(url: str) -> str:
+def describe_url(url: str) -> str:
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:
@@ -95,7 +95,7 @@ class MetadataStore:
 
     # -- opening --------------------------------------------------------------
     def _create_engine(self, url: str) -> Engine:
-        shown = _describe_url(url)
+        shown = describe_url(url)
         try:
             parsed = sa.engine.make_url(url)
         except sa.exc.ArgumentError:
@@ -130,7 +130,7 @@ class MetadataStore:
             self._migrate()
         except sa.exc.DatabaseError as exc:
             raise StoreUnavailableError(
-                f"cannot open the metadata store at {_describe_url(self.url)}: "
+                f"cannot open the metadata store at {describe_url(self.url)}: "
                 f"{str(exc.orig).strip().splitlines()[0] if exc.orig else exc}",
                 hint="Check that the database is running and KEEL_DB_URL is right; "
                 "a SQLite file that is not a keel database must be moved away",
@@ -163,7 +163,7 @@ class MetadataStore:
                     raise
         if self._schema_revision() != schema.SCHEMA_REVISION:
             raise StoreUnavailableError(
-                f"the metadata store at {_describe_url(self.url)} could not be migrated "
+                f"the metadata store at {describe_url(self.url)} could not be migrated "
                 f"to revision {schema.SCHEMA_REVISION}",
                 hint="Is it a database of a newer keel? Upgrade keel or use another KEEL_DB_URL",
             )
@@ -320,7 +320,7 @@ class MetadataStore:
             return str(found[0][0])
         if not found:
             raise RunNotFoundError(
-                f"no run with id {text!r} in the store at {_describe_url(self.url)}",
+                f"no run with id {text!r} in the store at {describe_url(self.url)}",
                 hint="List runs with `keel runs ls`; check KEEL_HOME / KEEL_DB_URL",
             )
         raise RunNotFoundError(

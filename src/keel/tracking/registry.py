@@ -138,7 +138,7 @@ class RegistryEvent:
     at: datetime
 
 
-def _model_version(
+def model_version_of(
     store: MetadataStore, row: Any, keys: dict[tuple[str, int], str] | None = None
 ) -> ModelVersion:
     if keys is None:
@@ -169,7 +169,7 @@ def _model_version(
 # -- versions by number, alias or 'latest' -------------------------------------------------
 
 
-def _number(store: MetadataStore, name: str, ref: Any) -> int:
+def version_number(store: MetadataStore, name: str, ref: Any) -> int:
     """The version number `ref` names: 3, "3", "latest", "@champion" or "champion"."""
     check_name(name)
     if rs.get_model(store, name) is None:
@@ -201,7 +201,7 @@ def _number(store: MetadataStore, name: str, ref: Any) -> int:
 
 
 def version_source(store: MetadataStore, name: str, ref: Any) -> ModelSource:
-    row = rs.get_version(store, name, _number(store, name, ref))
+    row = rs.get_version(store, name, version_number(store, name, ref))
     assert row is not None
     return ModelSource(
         flavor=row.flavor,
@@ -258,7 +258,7 @@ def register_model(
     }
     version = rs.create_version(store, values, actor())
     row = rs.get_version(store, name, version)
-    return _model_version(store, row)
+    return model_version_of(store, row)
 
 
 def _source(
@@ -408,8 +408,8 @@ def _check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
 def get_version(name: str, version: int | str = "latest") -> ModelVersion:
     """A version by number, alias ('champion' or '@champion') or 'latest'."""
     store = registry_store()
-    row = rs.get_version(store, name, _number(store, name, version))
-    return _model_version(store, row)
+    row = rs.get_version(store, name, version_number(store, name, version))
+    return model_version_of(store, row)
 
 
 def list_versions(name: str) -> list[ModelVersion]:
@@ -420,7 +420,7 @@ def list_versions(name: str) -> list[ModelVersion]:
         raise rs.no_model(store, name)
     rows = rs.list_versions(store, name)
     keys = rs.step_keys(store, {(r.run_id, r.seq) for r in rows if r.run_id and r.seq is not None})
-    return [_model_version(store, r, keys) for r in rows]
+    return [model_version_of(store, r, keys) for r in rows]
 
 
 def list_models() -> list[RegisteredModel]:
@@ -483,7 +483,7 @@ def lineage(name: str, version: int | str = "latest") -> Lineage:
 # -- changing ------------------------------------------------------------------------------
 
 
-def _alias_name(alias: Any) -> str:
+def checked_alias(alias: Any) -> str:
     check_name(alias, "alias")
     if alias in RESERVED_ALIASES or alias.isdigit():
         raise ModelRegistryError(
@@ -497,8 +497,8 @@ def _alias_name(alias: Any) -> str:
 def set_alias(name: str, alias: str, version: int | str) -> ModelVersion:
     """Point `alias` at `version` (moving it if it exists); recorded in the audit log."""
     store = registry_store()
-    alias = _alias_name(alias)
-    number = _number(store, name, version)
+    alias = checked_alias(alias)
+    number = version_number(store, name, version)
     rs.set_alias(store, name, alias, number, actor())
     return get_version(name, number)
 
@@ -514,7 +514,7 @@ def delete_alias(name: str, alias: str) -> None:
 def set_version_tag(name: str, version: int | str, key: str, value: Any) -> None:
     """Set a tag on one version (a later value replaces an earlier one)."""
     store = registry_store()
-    number = _number(store, name, version)
+    number = version_number(store, name, version)
     tag = _check_tags({key: value})
 
     def change(row: Any) -> dict[str, Any]:
@@ -528,7 +528,7 @@ def set_version_tag(name: str, version: int | str, key: str, value: Any) -> None
 
 def delete_version_tag(name: str, version: int | str, key: str) -> None:
     store = registry_store()
-    number = _number(store, name, version)
+    number = version_number(store, name, version)
     row = rs.get_version(store, name, number)
     current = json.loads(row.tags) if row is not None and row.tags else {}
     if key not in current:
@@ -556,7 +556,7 @@ def set_description(name: str, description: str | None, version: int | str | Non
         check_name(name)
         rs.set_model_description(store, name, description, actor())
         return
-    number = _number(store, name, version)
+    number = version_number(store, name, version)
     rs.update_version(
         store, name, number, actor(), action="set_description",
         detail={"description": description}, change=lambda _row: {"description": description},

@@ -194,7 +194,7 @@ def list_versions(name: Name, _: Viewer, store: Store) -> list[VersionOut]:
 
 
 def _number(store: MetadataStore, name: str, ref: str) -> int:
-    from keel.tracking.registry import _number as resolve
+    from keel.tracking.registry import version_number as resolve
 
     _model_row(store, name)
     return resolve(store, name, ref)
@@ -219,10 +219,10 @@ def set_alias(
 ) -> AliasOut:
     """Point an alias at a version (moving it if it exists). Admins only; recorded in
     the model's history with the caller's token name."""
-    from keel.tracking.registry import _alias_name
+    from keel.tracking.registry import checked_alias
 
     _model_row(store, name)
-    clean = _alias_name(alias)
+    clean = checked_alias(alias)
     previous = rs.set_alias(store, name, clean, body.version, principal.name)
     return AliasOut(name=name, alias=clean, version=body.version, previous_version=previous)
 
@@ -265,11 +265,11 @@ def version_lineage(name: Name, version: VersionRef, _: Viewer, store: Store) ->
     """What produced a version: its run and step, their params and metrics, and the
     upstream step outputs (the data) that flowed into the step."""
     from keel.tracking.lineage import build_lineage
-    from keel.tracking.registry import _model_version
+    from keel.tracking.registry import model_version_of
 
     number_ = _number(store, name, version)
     row = rs.get_version(store, name, number_)
-    found = build_lineage(store, _model_version(store, row)).to_dict()
+    found = build_lineage(store, model_version_of(store, row)).to_dict()
     return LineageOut(
         model=found["model"],
         run=found["run"],
