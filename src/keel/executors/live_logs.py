@@ -111,6 +111,8 @@ def _recorder(entry: Attempt) -> Recorder:
 
 
 def _ship(entry: Attempt) -> None:
+    # Opened before taking the lock: the step's own prints wait on that lock.
+    recorder = _recorder(entry)
     with entry.buffer.lock:
         if entry.ended:
             return
@@ -120,7 +122,7 @@ def _ship(entry: Attempt) -> None:
         now = time.time()
         # Queued under the lock: the attempt cannot end (and its rest be recorded)
         # between taking these chunks and queuing them.
-        _recorder(entry).logs(
+        recorder.logs(
             [
                 {
                     "run_id": entry.run_id,
