@@ -395,3 +395,32 @@ def test_errors_that_cannot_travel_keep_their_type_and_message(
         assert run.error_type == first.error_type
         assert run.error_message == message
         assert out.read_text().splitlines() == [f"{kind} 1"]
+
+
+def test_a_call_knows_when_it_runs_away_from_its_coordinator() -> None:
+    """What decides whether an attempt's records are committed before it reports: not
+    how the value travels, but whether the attempt runs in the process that made the
+    call (a spawned worker, a forked one, another host)."""
+    import subprocess
+
+    import cloudpickle
+
+    from keel.executors.base import StepCall
+
+    call = StepCall(
+        run_id="r", seq=0, key="k-0", task="k", fn=len, args=(), kwargs={}, attempt=1,
+        artifacts_url="unused", inline_limit=0,
+    )  # fmt: skip
+    assert call.away is False
+    code = "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read()).away)"
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", code], input=cloudpickle.dumps(call), capture_output=True
+    )
+    assert elsewhere.stdout.strip() == b"True", elsewhere.stderr
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the forked child: same memory, another process
+        os.write(write, b"1" if call.away else b"0")
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(read, 1) == b"1"

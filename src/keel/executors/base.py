@@ -8,6 +8,8 @@ The engine owns retries, recording and scheduling; an executor only runs attempt
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -40,6 +42,14 @@ class ValueRef:
         return (ValueRef, (self.stored, self.handle))
 
 
+_PROCESS_TOKEN = secrets.token_hex(6)
+
+
+def this_process() -> str:
+    """Names this process, unlike any other on any host (the pid changes in a fork)."""
+    return f"{os.getpid()}-{_PROCESS_TOKEN}"
+
+
 @dataclass(slots=True)
 class StepCall:
     run_id: str
@@ -60,6 +70,14 @@ class StepCall:
     resources: Mapping[str, float] = field(default_factory=dict)
     # The task's `executor_options`, for the executor to interpret (e.g. Ray's runtime_env).
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The process that made the call: the one coordinating the run.
+    origin: str = field(default_factory=this_process)
+
+    @property
+    def away(self) -> bool:
+        """True when the attempt runs outside the process coordinating its run: what it
+        records must then be committed before its outcome is reported."""
+        return self.origin != this_process()
 
     @property
     def idempotency_key(self) -> str:
@@ -201,7 +219,7 @@ def execute_step(call: StepCall) -> StepOutcome:
             hook(call)
         set_step(previous)
         capture.set_buffer(None)
-        rest = live_logs.end(live, buffer, away=not call.keep_value)
+        rest = live_logs.end(live, buffer, away=call.away)
         if outcome is not None:
             outcome.logs = rest
     assert outcome is not None  # set by the try or the except above

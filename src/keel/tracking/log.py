@@ -294,7 +294,7 @@ def _flush_after_step(call: StepCall) -> None:
     if not getattr(_flush_needed, "value", False):
         return
     _flush_needed.value = False
-    if call.keep_value:
+    if not call.away:
         return
     run = current(start=False)
     if run is not None:
