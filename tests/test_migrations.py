@@ -34,44 +34,48 @@ def test_migrations_build_the_declared_schema(backend: str) -> None:
     assert diff == [], diff
 
 
+QUEUED_STEP = {
+    "kind": "step",
+    "run_id": "r1",
+    "seq": 0,
+    "attempt": 1,
+    "queue": "default",
+    "priority": 0,
+    "not_before": 0.0,
+    "status": "queued",
+    "claims": 0,
+    "payload": b"call",
+    "created_at": 0.0,
+}
+
+
+def delete_newest_then_insert(conn: sa.Connection, dedupe: str) -> int:
+    """Delete the newest queue row, insert another; the new row's id."""
+    items = schema.queue_items
+    conn.execute(
+        items.delete().where(items.c.id == sa.select(sa.func.max(items.c.id)).scalar_subquery())
+    )
+    conn.execute(items.insert(), [{**QUEUED_STEP, "dedupe": dedupe}])
+    return int(conn.execute(sa.select(items.c.id).where(items.c.dedupe == dedupe)).scalar_one())
+
+
 def test_upgrading_to_0007_keeps_queued_items_and_stops_reusing_ids(tmp_path: Path) -> None:
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'old.db'}")
     upgrade(engine, "0006")
-    row = {
-        "dedupe": "step:r1:0:1",
-        "kind": "step",
-        "run_id": "r1",
-        "seq": 0,
-        "attempt": 1,
-        "queue": "default",
-        "priority": 0,
-        "not_before": 0.0,
-        "status": "queued",
-        "claims": 0,
-        "payload": b"call",
-        "created_at": 0.0,
-    }
     with engine.begin() as conn:
-        conn.execute(schema.queue_items.insert(), [row, {**row, "dedupe": "step:r1:1:1"}])
+        conn.execute(
+            schema.queue_items.insert(),
+            [{**QUEUED_STEP, "dedupe": f"step:r1:{seq}:1", "seq": seq} for seq in (0, 1)],
+        )
         # Before 0007, SQLite hands the id of a deleted newest row out again.
-        conn.execute(schema.queue_items.delete().where(schema.queue_items.c.id == 2))
-        conn.execute(schema.queue_items.insert(), [{**row, "dedupe": "step:r1:2:1"}])
-        reused = conn.execute(
-            sa.select(schema.queue_items.c.id).where(schema.queue_items.c.dedupe == "step:r1:2:1")
-        ).scalar()
-        assert reused == 2
+        assert delete_newest_then_insert(conn, "step:r1:2:1") == 2
     upgrade(engine, "0007")
     with engine.begin() as conn:
         kept = conn.execute(
             sa.select(schema.queue_items.c.id, schema.queue_items.c.payload).order_by("id")
         ).all()
         assert [tuple(r) for r in kept] == [(1, b"call"), (2, b"call")]
-        conn.execute(schema.queue_items.delete().where(schema.queue_items.c.id == 2))
-        conn.execute(schema.queue_items.insert(), [{**row, "dedupe": "step:r1:3:1"}])
-        fresh = conn.execute(
-            sa.select(schema.queue_items.c.id).where(schema.queue_items.c.dedupe == "step:r1:3:1")
-        ).scalar()
-    assert fresh == 3
+        assert delete_newest_then_insert(conn, "step:r1:3:1") == 3
     engine.dispose()
 
 
