@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import keel
+from keel.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
@@ -79,11 +80,21 @@ def test_live_logs_can_be_turned_off(backend: str, monkeypatch: pytest.MonkeyPat
 
 def test_a_bad_interval_is_a_clear_error(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEEL_LIVE_LOG_INTERVAL", "soon")
-    handle = keel.run(talk, wait=0.1)
-    assert handle.status == "FAILED"
-    step = keel.Client().run(handle.id).step("live_talker-0")
-    assert "KEEL_LIVE_LOG_INTERVAL must be a number of seconds" in (step.error_message or "")
-    assert "'soon'" in (step.error_message or "")
+    with pytest.raises(ConfigError) as caught:
+        keel.run(talk, wait=0.1)
+    assert "KEEL_LIVE_LOG_INTERVAL must be a number of seconds" in str(caught.value)
+    assert "'soon'" in str(caught.value)
+    monkeypatch.delenv("KEEL_LIVE_LOG_INTERVAL")
+    assert keel.Client().runs(workflow="live_talk") == []  # nothing half-started
+    done = subprocess.run(
+        [sys.executable, "-m", "keel", "runs", "ls"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KEEL_LIVE_LOG_INTERVAL": "-1"},
+        timeout=WAIT_SECONDS,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("error: KEEL_LIVE_LOG_INTERVAL must be"), done.stderr
 
 
 @keel.task(name="live_gated")

@@ -182,6 +182,7 @@ class RunState:
         self._progress = session.progress
         self.artifacts_url = session.artifacts_url
         self._inline_limit = session.inline_limit
+        self._live_log_interval = session.store.config.live_log_interval
         self.db_url = session.store.url
         session.runs.append(self)
 
@@ -488,6 +489,7 @@ class RunState:
             attempt=step.attempt,
             artifacts_url=self.artifacts_url,
             inline_limit=self._inline_limit,
+            live_log_interval=self._live_log_interval,
             db_url=self.db_url,
             timeout=opts.timeout,
             is_async=task.is_async,

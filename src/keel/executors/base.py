@@ -43,11 +43,16 @@ class ValueRef:
 
 
 _PROCESS_TOKEN = secrets.token_hex(6)
+_process_name = (0, "")
 
 
 def this_process() -> str:
     """Names this process, unlike any other on any host (the pid changes in a fork)."""
-    return f"{os.getpid()}-{_PROCESS_TOKEN}"
+    global _process_name
+    pid = os.getpid()
+    if pid != _process_name[0]:
+        _process_name = (pid, f"{pid}-{_PROCESS_TOKEN}")
+    return _process_name[1]
 
 
 @dataclass(slots=True)
@@ -70,6 +75,8 @@ class StepCall:
     resources: Mapping[str, float] = field(default_factory=dict)
     # The task's `executor_options`, for the executor to interpret (e.g. Ray's runtime_env).
     options: Mapping[str, Any] = field(default_factory=dict)
+    # Seconds between recordings of a running attempt's output (0: at its end only).
+    live_log_interval: float = 0.0
     # The process that made the call: the one coordinating the run.
     origin: str = field(default_factory=this_process)
 
@@ -170,7 +177,6 @@ def execute_step(call: StepCall) -> StepOutcome:
     capture.install()
     buffer = capture.StepLogBuffer()
     capture.set_buffer(buffer)
-    live: live_logs.Attempt | None = None
     previous = set_step(
         StepContext(
             run_id=call.run_id,
@@ -187,9 +193,7 @@ def execute_step(call: StepCall) -> StepOutcome:
     started = time.time()
     outcome: StepOutcome | None = None
     try:
-        live = live_logs.follow(
-            call.run_id, call.seq, call.attempt, call.db_url, call.artifacts_url, buffer
-        )
+        live_logs.follow(call, buffer)
         args = resolve_refs(call.args, call.artifacts_url) if call.args else ()
         kwargs = resolve_refs(call.kwargs, call.artifacts_url) if call.kwargs else {}
         if call.is_async:
@@ -219,7 +223,7 @@ def execute_step(call: StepCall) -> StepOutcome:
             hook(call)
         set_step(previous)
         capture.set_buffer(None)
-        rest = live_logs.end(live, buffer, away=call.away)
+        rest = live_logs.end(call, buffer)
         if outcome is not None:
             outcome.logs = rest
     assert outcome is not None  # set by the try or the except above

@@ -18,11 +18,13 @@ class StepLogBuffer:
     """What one attempt printed and logged and nobody has taken yet, as (stream, text)
     chunks in order. The step's threads write; live_logs takes while it runs."""
 
-    __slots__ = ("chunks", "lock")
+    __slots__ = ("chunks", "ended", "lock", "shipped")
 
     def __init__(self) -> None:
         self.chunks: list[tuple[str, str]] = []
         self.lock = threading.Lock()
+        self.shipped = False  # some output went to the store while the attempt ran
+        self.ended = False
 
     def write(self, stream: str, text: str) -> None:
         with self.lock:

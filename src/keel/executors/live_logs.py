@@ -1,11 +1,12 @@
 """Live logs: what a running attempt prints reaches the store while it runs.
 
 Every attempt's output goes to its StepLogBuffer (capture.py). Once an attempt has
-run for `KEEL_LIVE_LOG_INTERVAL` seconds (default 1; 0 turns this off), one thread
-per process records what it printed so far, every that many seconds, through the
-store's recorder, so `keel logs --follow`, the REST tail and the UI show a long
-step's output as it comes. What is left when the attempt ends travels with its
-outcome, as the output of short attempts always does: they never take this path.
+run for its call's `live_log_interval` seconds (`KEEL_LIVE_LOG_INTERVAL` where the
+run started: default 1, 0 turns this off), one thread per process records what it
+printed so far, every that many seconds, through the store's recorder, so `keel logs
+--follow`, the REST tail and the UI show a long step's output as it comes. What is
+left when the attempt ends travels with its outcome, as the output of short attempts
+always does: they never take this path.
 
 Order is kept: a shipment and the end of its attempt are serialized by the buffer's
 lock. In the coordinating process the engine records the rest through the same
@@ -16,107 +17,75 @@ rows are committed before the attempt reports back.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from keel.executors.capture import StepLogBuffer
 
 if TYPE_CHECKING:
+    from keel.executors.base import StepCall
     from keel.store.recorder import Recorder
 
 log = logging.getLogger("keel.live_logs")
 
-DEFAULT_INTERVAL = 1.0
-_ENV = "KEEL_LIVE_LOG_INTERVAL"
+IDLE_SECONDS = 1.0  # how often the thread looks for attempts when none runs
 
-
-@dataclass(slots=True, eq=False)
-class Attempt:
-    run_id: str
-    seq: int
-    attempt: int
-    db_url: str | None
-    artifacts_url: str
-    buffer: StepLogBuffer
-    since: float
-    shipped: bool = False
-    ended: bool = False
-
-
-_active: dict[int, Attempt] = {}
-_lock = threading.Lock()
+# The attempts running in this process, by id(buffer): (call, buffer, start). Plain
+# dict operations are atomic under the GIL; this runs once per step, so no lock.
+_active: dict[int, tuple[StepCall, StepLogBuffer, float]] = {}
+_start_lock = threading.Lock()
 _thread: threading.Thread | None = None
-_interval_cache: tuple[str | None, float] = ("", DEFAULT_INTERVAL)
 
 
-def interval() -> float:
-    """The live-log interval in seconds (0: off), re-read when the variable changes."""
-    global _interval_cache
-    raw = os.environ.get(_ENV)
-    if raw != _interval_cache[0]:
-        from keel.store.config import env_seconds
-
-        _interval_cache = (raw, env_seconds(_ENV, DEFAULT_INTERVAL, high=3600))
-    return _interval_cache[1]
+def follow(call: StepCall, buffer: StepLogBuffer) -> None:
+    """Ship this attempt's output while it runs (unless turned off)."""
+    if call.live_log_interval <= 0:
+        return
+    _active[id(buffer)] = (call, buffer, time.monotonic())
+    if _thread is None:
+        _start()
 
 
-def follow(
-    run_id: str,
-    seq: int,
-    attempt: int,
-    db_url: str | None,
-    artifacts_url: str,
-    buffer: StepLogBuffer,
-) -> Attempt | None:
-    """Start shipping this attempt's output while it runs (None when turned off)."""
+def _start() -> None:
     global _thread
-    if interval() <= 0:
-        return None
-    entry = Attempt(run_id, seq, attempt, db_url, artifacts_url, buffer, time.monotonic())
-    with _lock:
-        _active[id(entry)] = entry
+    with _start_lock:
         if _thread is None:
             _thread = threading.Thread(target=_loop, name="keel-live-logs", daemon=True)
             _thread.start()
-    return entry
 
 
-def end(entry: Attempt | None, buffer: StepLogBuffer, *, away: bool) -> list[tuple[str, str]]:
-    """Stop shipping; the output not shipped yet, to travel with the outcome. `away`:
-    the attempt ran outside the coordinating process (its shipments are committed
-    now, so they come before the rest, which the coordinator records)."""
-    if entry is None:
-        with buffer.lock:
-            return buffer.take_locked()
-    with _lock:
-        _active.pop(id(entry), None)
+def end(call: StepCall, buffer: StepLogBuffer) -> list[tuple[str, str]]:
+    """Stop shipping; the output not shipped yet, to travel with the outcome. For an
+    attempt away from the coordinating process, its shipments are committed now, so
+    they come before the rest, which the coordinator records."""
+    _active.pop(id(buffer), None)
     with buffer.lock:
-        entry.ended = True
+        buffer.ended = True
         rest = buffer.take_locked()
-    if entry.shipped and away:
-        _recorder(entry).flush()
+    if buffer.shipped and call.away:
+        _recorder(call).flush()
     return rest
 
 
-def _recorder(entry: Attempt) -> Recorder:
+def _recorder(call: StepCall) -> Recorder:
     from keel.store.config import StoreConfig
     from keel.store.metadata import open_store
     from keel.store.recorder import recorder_for
 
-    config = StoreConfig.from_env(db_url=entry.db_url, artifacts_url=entry.artifacts_url)
+    config = StoreConfig.from_env(db_url=call.db_url, artifacts_url=call.artifacts_url)
     return recorder_for(open_store(config))
 
 
-def _ship(entry: Attempt) -> None:
+def _ship(call: StepCall, buffer: StepLogBuffer) -> None:
+    if buffer.ended or not buffer.chunks:
+        return  # (checked again under the lock) no store to open for an ended attempt
     # Opened before taking the lock: the step's own prints wait on that lock.
-    recorder = _recorder(entry)
-    with entry.buffer.lock:
-        if entry.ended:
+    recorder = _recorder(call)
+    with buffer.lock:
+        if buffer.ended:
             return
-        chunks = entry.buffer.take_locked()
+        chunks = buffer.take_locked()
         if not chunks:
             return
         now = time.time()
@@ -125,9 +94,9 @@ def _ship(entry: Attempt) -> None:
         recorder.logs(
             [
                 {
-                    "run_id": entry.run_id,
-                    "seq": entry.seq,
-                    "attempt": entry.attempt,
+                    "run_id": call.run_id,
+                    "seq": call.seq,
+                    "attempt": call.attempt,
                     "stream": stream,
                     "text": text,
                     "created_at": now,
@@ -135,19 +104,19 @@ def _ship(entry: Attempt) -> None:
                 for stream, text in chunks
             ]
         )
-        entry.shipped = True
+        buffer.shipped = True
 
 
 def _loop() -> None:
     while True:
-        every = interval() or DEFAULT_INTERVAL
-        time.sleep(every)
-        due = time.monotonic() - every
-        with _lock:
-            running = [e for e in _active.values() if e.since <= due]
-        for entry in running:
+        running = list(_active.values())
+        time.sleep(min((c.live_log_interval for c, _, _ in running), default=IDLE_SECONDS))
+        now = time.monotonic()
+        for call, buffer, since in running:
+            if now - since < call.live_log_interval:
+                continue
             try:
-                _ship(entry)
+                _ship(call, buffer)
             except Exception:
                 # The output stays in the buffer and goes with the outcome instead.
-                log.warning("could not record live output of %s/%s", entry.run_id, entry.seq)
+                log.warning("could not record live output of %s/%s", call.run_id, call.key)

@@ -10,8 +10,7 @@
   metrics, params) gather before they are committed together. A crash loses at
   most what was recorded during the last interval (steps then run again).
 - `KEEL_LIVE_LOG_INTERVAL` (default 1 s, 0 turns it off): how often what a running
-  step printed so far is recorded (read where the step runs; see
-  executors/live_logs.py).
+  step has printed so far is recorded (executors/live_logs.py).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from keel.errors import ConfigError
 
 DEFAULT_INLINE_LIMIT = 16 * 1024
 DEFAULT_FLUSH_INTERVAL = 0.01
+DEFAULT_LIVE_LOG_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,7 @@ class StoreConfig:
     artifacts_url: str
     inline_limit: int = DEFAULT_INLINE_LIMIT
     flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    live_log_interval: float = DEFAULT_LIVE_LOG_INTERVAL
 
     @classmethod
     def from_env(cls, db_url: str | None = None, artifacts_url: str | None = None) -> StoreConfig:
@@ -47,11 +48,13 @@ class StoreConfig:
                 hint="Unset it or set it to e.g. 16384",
             ) from None
         interval = env_seconds("KEEL_FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL, high=60)
+        live = env_seconds("KEEL_LIVE_LOG_INTERVAL", DEFAULT_LIVE_LOG_INTERVAL, high=3600)
         return cls(
             db_url=db,
             artifacts_url=artifacts,
             inline_limit=max(0, limit),
             flush_interval=interval,
+            live_log_interval=live,
         )
 
 
