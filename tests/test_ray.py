@@ -184,6 +184,18 @@ def test_resources_place_steps_on_the_nodes_that_have_them(
     assert result["env"] == "from runtime_env"
 
 
+def test_a_ray_steps_output_is_recorded_while_it_runs(
+    backend: str, on_ray: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEEL_LIVE_LOG_INTERVAL", "0.1")
+    handle = keel.run(flows.live_logs)
+    assert handle.status == "SUCCEEDED"
+    assert handle.result() is True, "the first line was not in the store while the step ran"
+    text = keel.Client().run(handle.id).step("ray_live_talker-0").logs()
+    assert text.count("first line from ray") == 1 and text.count("second line from ray") == 1
+    assert text.index("first line from ray") < text.index("second line from ray")
+
+
 def test_unknown_executor_option_is_a_clear_error(on_ray: SimpleNamespace) -> None:
     handle = keel.run(flows.bad_options)
     assert handle.status == "FAILED"

@@ -285,3 +285,24 @@ def node_dies(out: str, n_slow: int, seconds: float) -> dict[str, Any]:
         "chunk_nodes": [c.result()["node"] for c in chunks],
         "slow_nodes": [s.result()["node"] for s in slows],
     }
+
+
+@keel.task(name="ray_live_talker")
+def live_talker(wait: float) -> bool:
+    """Prints a line, waits (bounded) to find it in the store, prints another: whether
+    the line was recorded while the step still ran on its Ray worker."""
+    ctx = keel.context()
+    print("first line from ray", flush=True)
+    store = keel.Client().store
+    deadline = time.monotonic() + wait
+    seen = False
+    while not seen and time.monotonic() < deadline:
+        seen = any("first line from ray" in r.text for r in store.load_logs(ctx.run_id))
+        time.sleep(0.05)
+    print("second line from ray")
+    return seen
+
+
+@keel.workflow(name="ray_live_logs")
+def live_logs(wait: float = 120.0) -> bool:
+    return live_talker(wait)
