@@ -204,17 +204,25 @@ def test_each_collected_outcome_reaches_its_own_step(backend: str) -> None:
 
         executor.submit(call(seq), done)
 
-    def report_all() -> None:
-        """Play the worker: claim what is queued, report each seq as its value."""
-        while (claim := queue.claim(store(), "w", ["default"], lease_seconds=30)) is not None:
-            outcome = StepOutcome(ok=True, started_at=0.0, ended_at=0.0, value=claim.seq)
-            assert queue.complete(store(), claim.id, "w", cloudpickle.dumps(outcome))
+    def report(count: int) -> None:
+        """Play the worker: claim `count` queued steps, report each seq as its value."""
+        reported: list[int] = []
+
+        def one() -> bool:
+            claim = queue.claim(store(), "w", ["default"], lease_seconds=30)
+            if claim is not None:
+                outcome = StepOutcome(ok=True, started_at=0.0, ended_at=0.0, value=claim.seq)
+                assert queue.complete(store(), claim.id, "w", cloudpickle.dumps(outcome))
+                reported.append(claim.id)
+            return len(reported) >= count
+
+        wait_until(f"{count} queued steps", one)
 
     for seq in range(3):
         submit(seq)
-    report_all()
+    report(3)
     wait_until("the first three outcomes", lambda: len(delivered) >= 3)
-    report_all()
+    report(6)
     wait_until("all nine outcomes", all_in.is_set)
     executor.shutdown()
     assert delivered == {seq: [seq] for seq in (0, 1, 2, 10, 11, 12, 20, 21, 22)}

@@ -2,7 +2,8 @@
 `keel worker` processes (on any host that reaches the database) run them.
 
 A step is queued once per attempt (a coordinator that resumed after a crash
-re-submits the same attempt and finds it queued, running, or done). The
+re-submits the same attempt and finds it queued, running, or done). Attempts
+submitted while the poll thread was busy are queued together, in one transaction. The
 coordinator polls for finished attempts; their outcomes travel back through the
 queue row. A worker that dies loses its lease and the attempt is claimed again.
 """
@@ -34,57 +35,35 @@ class QueueExecutor:
     in_process = False
 
     def __init__(self, max_workers: int) -> None:
-        # Keyed by each attempt's unique queue key, never by row id: ids of collected
-        # rows may be handed out again while an older outcome is still being matched.
+        # Submitted, not yet queued: the poll thread queues them together.
+        self._submitted: list[tuple[StepCall, Callable[[StepOutcome], None]]] = []
+        # Queued, keyed by each attempt's unique queue key, never by row id: ids of
+        # collected rows may be handed out again while an older outcome is matched.
         self._pending: dict[str, tuple[StepCall, Callable[[StepOutcome], None]]] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._store: Any = None
 
     def submit(self, call: StepCall, done: Callable[[StepOutcome], None]) -> None:
-        import cloudpickle
-
-        started = time.time()
+        """Hand the attempt to the poll thread, which queues it with the others
+        submitted meanwhile in one transaction (the caller does no database work)."""
         call.keep_value = False
-        store = self._store or open_store(
-            StoreConfig.from_env(db_url=call.db_url, artifacts_url=call.artifacts_url)
-        )
-        self._store = store
-        payload = bytes(cloudpickle.dumps(call))
-        key = queue.step_key(call.run_id, call.seq, call.attempt)
-
-        def put() -> None:
-            # Queuing an attempt twice is a no-op, so a retry after a blip is safe.
-            queue.enqueue(
-                store,
-                kind="step",
-                run_id=call.run_id,
-                seq=call.seq,
-                attempt=call.attempt,
-                queue=str(call.options.get("queue") or "default"),
-                pool=call.options.get("pool"),
-                priority=int(call.options.get("priority") or 0),
-                payload=payload,
+        if self._store is None:
+            self._store = open_store(
+                StoreConfig.from_env(db_url=call.db_url, artifacts_url=call.artifacts_url)
             )
-
-        try:
-            # An attempt a previous coordinator queued is found, not queued again: its
-            # outcome (if a worker already reported it) is collected below.
-            with_retry(put, what=f"queuing step {call.key}")
-        except KeelError as exc:
-            exc.run_id, exc.step_key = call.run_id, call.key
-            exc.args = (exc._render(),)
-            done(failure(exc, started, tb=""))
-            return
         with self._lock:
-            self._pending[key] = (call, done)
+            self._submitted.append((call, done))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._poll, name="keel-queue", daemon=True)
                 self._thread.start()
+        self._wake.set()
 
     def _poll(self) -> None:
         while not self._closed:
+            self._queue_submitted()
             with self._lock:
                 keys = list(self._pending)
             for start in range(0, len(keys), _COLLECT_BATCH):
@@ -96,7 +75,72 @@ class QueueExecutor:
                     break
                 for key, data in finished:
                     self._deliver(key, data)
-            time.sleep(_POLL_SECONDS)
+            self._wake.wait(_POLL_SECONDS)
+            self._wake.clear()
+
+    def _queue_submitted(self) -> None:
+        import cloudpickle
+
+        with self._lock:
+            batch, self._submitted = self._submitted, []
+        items: list[queue.StepItem] = []
+        accepted: list[tuple[StepCall, Callable[[StepOutcome], None]]] = []
+        known_pools: dict[str, int] | None = None
+        for call, done in batch:
+            started = time.time()
+            pool = call.options.get("pool")
+            try:
+                if pool is not None:
+                    if known_pools is None:
+                        known_pools = with_retry(self._list_pools, what="reading the pools")
+                    if pool not in known_pools:
+                        queue.check_pool(self._store, pool)  # raises, naming the pools
+                payload = bytes(cloudpickle.dumps(call))
+            except Exception as exc:
+                self._fail(call, done, exc, started)
+                continue
+            items.append(
+                queue.StepItem(
+                    run_id=call.run_id,
+                    seq=call.seq,
+                    attempt=call.attempt,
+                    queue=str(call.options.get("queue") or "default"),
+                    priority=int(call.options.get("priority") or 0),
+                    pool=pool,
+                    payload=payload,
+                )
+            )
+            accepted.append((call, done))
+        if not items:
+            return
+        try:
+            # Queuing again after a blip is a no-op for what the first try queued.
+            with_retry(
+                lambda: queue.enqueue_steps(self._store, items),
+                what=f"queuing {len(items)} step(s)",
+            )
+        except KeelError as exc:
+            for call, done in accepted:
+                self._fail(call, done, exc, time.time())
+            return
+        with self._lock:
+            for call, done in accepted:
+                self._pending[queue.step_key(call.run_id, call.seq, call.attempt)] = (call, done)
+
+    def _list_pools(self) -> dict[str, int]:
+        return queue.list_pools(self._store)
+
+    def _fail(
+        self,
+        call: StepCall,
+        done: Callable[[StepOutcome], None],
+        exc: BaseException,
+        started: float,
+    ) -> None:
+        if isinstance(exc, KeelError):
+            exc.run_id, exc.step_key = call.run_id, call.key
+            exc.args = (exc._render(),)
+        self._call(call, done, failure(exc, started, tb=""))
 
     def _deliver(self, key: str, data: bytes) -> None:
         with self._lock:
@@ -108,6 +152,11 @@ class QueueExecutor:
             outcome: StepOutcome = pickle.loads(data)
         except Exception as exc:
             outcome = failure(exc, time.time())
+        self._call(call, done, outcome)
+
+    def _call(
+        self, call: StepCall, done: Callable[[StepOutcome], None], outcome: StepOutcome
+    ) -> None:
         try:
             done(outcome)
         except Exception:

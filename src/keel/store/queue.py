@@ -61,12 +61,44 @@ def _claimed_values(worker_id: str, now: float, lease_seconds: float) -> dict[st
     }
 
 
-def _insert_ignore(store: MetadataStore, conn: sa.Connection, row: dict[str, Any]) -> None:
+def _insert_ignore(
+    store: MetadataStore, conn: sa.Connection, rows: Sequence[dict[str, Any]]
+) -> None:
     if store.dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    conn.execute(insert(queue_items).on_conflict_do_nothing(index_elements=["dedupe"]), [row])
+    conn.execute(insert(queue_items).on_conflict_do_nothing(index_elements=["dedupe"]), rows)
+
+
+def _row(
+    dedupe: str,
+    kind: str,
+    run_id: str,
+    seq: int | None,
+    attempt: int | None,
+    queue: str,
+    priority: int,
+    pool: str | None,
+    payload: bytes | None,
+    now: float,
+    not_before: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "dedupe": dedupe,
+        "kind": kind,
+        "run_id": run_id,
+        "seq": seq,
+        "attempt": attempt,
+        "queue": queue,
+        "priority": priority,
+        "pool": pool,
+        "not_before": now if not_before is None else not_before,
+        "status": QUEUED,
+        "claims": 0,
+        "payload": payload,
+        "created_at": now,
+    }
 
 
 def step_key(run_id: str, seq: int | None, attempt: int | None) -> str:
@@ -94,21 +126,7 @@ def enqueue(
         check_pool(store, pool)
     now = time.time()
     dedupe = f"run:{run_id}" if kind == "run" else step_key(run_id, seq, attempt)
-    row = {
-        "dedupe": dedupe,
-        "kind": kind,
-        "run_id": run_id,
-        "seq": seq,
-        "attempt": attempt,
-        "queue": queue,
-        "priority": priority,
-        "pool": pool,
-        "not_before": now if not_before is None else not_before,
-        "status": QUEUED,
-        "claims": 0,
-        "payload": payload,
-        "created_at": now,
-    }
+    row = _row(dedupe, kind, run_id, seq, attempt, queue, priority, pool, payload, now, not_before)
     with store.engine.begin() as conn:
         if kind == "run":
             # A run has one queue entry, re-armed whenever it is suspended again.
@@ -126,7 +144,46 @@ def enqueue(
             ).rowcount
             if updated:
                 return
-        _insert_ignore(store, conn, row)
+        _insert_ignore(store, conn, [row])
+
+
+@dataclass(frozen=True, slots=True)
+class StepItem:
+    """One step attempt to queue (see enqueue_steps)."""
+
+    run_id: str
+    seq: int
+    attempt: int
+    queue: str
+    priority: int
+    pool: str | None
+    payload: bytes
+
+
+def enqueue_steps(store: MetadataStore, items: Sequence[StepItem]) -> None:
+    """Queue step attempts in one transaction. An attempt queued already is left as it
+    is (a coordinator that resumed after a crash re-submits what was in flight). The
+    pools named must exist (check_pool)."""
+    if not items:
+        return
+    now = time.time()
+    rows = [
+        _row(
+            step_key(i.run_id, i.seq, i.attempt),
+            "step",
+            i.run_id,
+            i.seq,
+            i.attempt,
+            i.queue,
+            i.priority,
+            i.pool,
+            i.payload,
+            now,
+        )
+        for i in items
+    ]
+    with store.engine.begin() as conn:
+        _insert_ignore(store, conn, rows)
 
 
 def drop_run(store: MetadataStore, run_id: str) -> None:
