@@ -3,6 +3,9 @@ declares, and upgrading an older store keeps what it holds."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -96,3 +99,26 @@ def test_collected_queue_ids_are_not_handed_out_again(backend: str) -> None:
     again = queue.claim(store, "w", ["default"], lease_seconds=30)
     assert again is not None
     assert again.id not in ids
+
+
+def test_processes_opening_a_fresh_store_at_once_all_succeed(backend: str) -> None:
+    """A worker fleet starting on a new database: one process migrates, the others
+    wait for it, and every one of them opens the store."""
+    code = "from keel.store.metadata import open_store; open_store(); print('opened')"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=os.environ.copy(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == "opened"
+    with open_store().engine.connect() as conn:
+        revision = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+    assert revision == schema.SCHEMA_REVISION

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,27 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+@contextmanager
+def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive lock on a file beside a SQLite database, for the migration (SQLite
+    has no advisory locks, and a migration rebuilds tables over several statements)."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: migrations are not serialized there
+        yield
+        return
+    with open(f"{Path(database).expanduser()}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class MetadataStore:
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
@@ -151,16 +173,13 @@ class MetadataStore:
 
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-        with self.engine.begin() as conn:
+        # Processes opening a fresh or older database at once (a worker fleet starting
+        # up): one migrates, the others wait, then find the schema current.
+        with _sqlite_migration_lock(self.engine), self.engine.begin() as conn:
             if self.dialect == "postgresql":
-                # Two processes opening a fresh database at once: one migrates, one waits.
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(4207001)"))
             cfg.attributes["connection"] = conn
-            try:
-                command.upgrade(cfg, "head")
-            except sa.exc.DatabaseError:
-                if self.dialect != "sqlite":
-                    raise
+            command.upgrade(cfg, "head")
         if self._schema_revision() != schema.SCHEMA_REVISION:
             raise StoreUnavailableError(
                 f"the metadata store at {describe_url(self.url)} could not be migrated "
