@@ -12,15 +12,18 @@ from keel.store.serializers import decode, encode, serializer_for
 from keel.store.values import content_digest
 
 _MISSING = object()
+# Serializers whose recorded bytes are decoded to key a future by value: plain data,
+# never a pickle (which could need code this process lacks, or run code).
+_DECODED_FOR_KEYS = frozenset({"json", "numpy"})
 
 
 def _resolved(value: Any) -> Any:
     """`value` with every future replaced by its recorded value when that value is
-    inline (small), so a list of futures keys like the equal plain list; _MISSING
-    when a future's value lives in the artifact store (it is then keyed by digest)."""
+    small plain data, so a list of futures keys like the equal plain list; _MISSING
+    otherwise (the futures are then keyed by their outputs' digests)."""
     if isinstance(value, StepFuture):
         stored = value.stored
-        if stored.inline is None:
+        if stored.inline is None or stored.serializer not in _DECODED_FOR_KEYS:
             return _MISSING
         return decode(stored.serializer, stored.inline)
     if isinstance(value, (list, tuple)):

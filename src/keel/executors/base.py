@@ -219,12 +219,14 @@ def execute_step(call: StepCall) -> StepOutcome:
             exc.args = (exc._render(),)
         outcome = failure(exc, started)
     finally:
-        for hook in after_step_hooks:
-            hook(call)
-        set_step(previous)
-        capture.set_buffer(None)
-        rest = live_logs.end(call, buffer)
-        if outcome is not None:
-            outcome.logs = rest
+        try:
+            for hook in after_step_hooks:
+                hook(call)
+        finally:
+            set_step(previous)
+            capture.set_buffer(None)
+            rest = live_logs.end(call, buffer)
+            if outcome is not None:
+                outcome.logs = rest
     assert outcome is not None  # set by the try or the except above
     return outcome
