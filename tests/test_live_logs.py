@@ -166,3 +166,28 @@ def test_keel_logs_follow_of_a_finished_run_prints_it_and_returns(backend: str) 
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("first line") == 1
     assert done.stdout.count("second line") == 1
+
+
+@keel.task(name="live_silent")
+def silent() -> int:
+    return 1
+
+
+@keel.workflow(name="live_quiet")
+def quiet() -> int:
+    return silent()
+
+
+def test_keel_logs_follow_says_when_nothing_was_printed(backend: str) -> None:
+    handle = keel.run(quiet)
+    for args in ((handle.id, "live_silent-0", "-f"), (handle.id, "--follow")):
+        done = subprocess.run(
+            [sys.executable, "-m", "keel", "logs", *args],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+            timeout=WAIT_SECONDS,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == ""
+        assert "printed nothing" in done.stderr or "no output was captured" in done.stderr

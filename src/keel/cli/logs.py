@@ -14,7 +14,7 @@ from keel.status import FINISHED_RUN
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from keel.client import Client, Run
+    from keel.client import Client, Run, Step
 
 STREAM_STYLES = {"stdout": "", "stderr": "red", "log": "cyan"}
 FOLLOW_POLL_SECONDS = 0.5
@@ -47,13 +47,15 @@ def _print_row(out: Console, row: Any) -> None:
 
 def _follow(
     out: Console, client: Client, run: Run, step: tuple[int, str] | None, attempt: int | None
-) -> None:
+) -> bool:
     """Print output as it is recorded, in recorded order, until the run (and with no
-    STEP given, its child runs) has ended and everything it recorded is printed."""
+    STEP given, its child runs) has ended and everything it recorded is printed.
+    Whether anything was printed."""
     store = client.store
     cursors: dict[str, int] = {}
     keys: dict[str, dict[int, str]] = {}
     header: tuple[str, int, int] | None = None
+    printed_any = False
     while True:
         top = store.get_run(run.id)
         # The status is read before the rows: rows committed before the end are all seen.
@@ -69,8 +71,9 @@ def _follow(
                 _print_row(out, row)
                 cursors[each.id] = row.id
                 printed = True
+        printed_any = printed_any or printed
         if ended and not printed:
-            return
+            return printed_any
         if not printed:
             time.sleep(FOLLOW_POLL_SECONDS)
 
@@ -81,6 +84,25 @@ def _step_key(keys: dict[str, dict[int, str]], run: Run, seq: int) -> str:
     if seq not in known:
         known = keys[run.id] = {s.seq: s.key for s in run.steps}
     return known.get(seq, f"#{seq}")
+
+
+def _say_nothing_printed(what: Run | Step, attempt: int | None) -> None:
+    """On stderr: the run or step printed nothing, and where its output is if elsewhere."""
+    from keel.cli.display import console
+    from keel.client import Run
+
+    if isinstance(what, Run):
+        note = f"no output was captured for run {what.id}"
+    else:
+        which = f" in attempt {attempt}" if attempt else ""
+        note = f"step {what.key} ({what.status}) printed nothing{which}"
+        if what.child_run_id:
+            note += f"; it is a child run: keel logs {what.child_run_id}"
+        elif what.cached_from:
+            # Reused (retry) or cached steps did not run here; their output came from elsewhere.
+            source, _, key = what.cached_from.partition("/")
+            note += f"; its output came from run {source}: keel logs {source} {key}"
+    console(stderr=True).print(note, markup=False)
 
 
 def _descendants(client: Client, run: Run, depth: int = 0) -> list[Run]:
@@ -123,10 +145,11 @@ def logs(
         )
     if follow:
         chosen_step = None if step is None else run.step(step)
-        _follow(
-            out, client, run, None if chosen_step is None else (chosen_step.seq, chosen_step.key),
-            attempt,
-        )  # fmt: skip
+        where = None if chosen_step is None else (chosen_step.seq, chosen_step.key)
+        if not _follow(out, client, run, where, attempt):
+            # Read again: the step's status (and where its output came from) as it ended.
+            ended = client.run(run.id)
+            _say_nothing_printed(ended if step is None else ended.step(step), attempt)
         return
     if step is None:
         groups = 0
@@ -134,7 +157,7 @@ def logs(
             keys = {s.seq: s.key for s in each.steps}
             groups += _print_chunks(out, store.load_logs(each.id), keys, each.id)
         if not groups:
-            console(stderr=True).print(f"no output was captured for run {run.id}", markup=False)
+            _say_nothing_printed(run, None)
         return
     chosen = run.step(step)
     made = len(chosen.attempts)
@@ -146,12 +169,4 @@ def logs(
         )
     rows = store.load_logs(run.id, chosen.seq, attempt)
     if not _print_chunks(out, rows, {chosen.seq: chosen.key}, run.id):
-        which = f" in attempt {attempt}" if attempt else ""
-        note = f"step {chosen.key} ({chosen.status}) printed nothing{which}"
-        if chosen.child_run_id:
-            note += f"; it is a child run: keel logs {chosen.child_run_id}"
-        elif chosen.cached_from:
-            # Reused (retry) or cached steps did not run here; their output came from elsewhere.
-            source, _, key = chosen.cached_from.partition("/")
-            note += f"; its output came from run {source}: keel logs {source} {key}"
-        console(stderr=True).print(note, markup=False)
+        _say_nothing_printed(chosen, attempt)
