@@ -31,6 +31,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("b7_tracking.py", [], ["--n", "10000", "--runs", "200", "--repeat", "1", "--searches", "5"]),
     ("b8_schedules.py", [], ["--ticks", "5", "--n", "200", "--repeat", "1"]),
     ("b9_workers.py", [], ["--n", "200", "--workers", "1", "2", "--leases", "2"]),
+    ("b10_server.py", [], ["--runs", "10000", "--requests", "50", "--batches", "10"]),
 ]
 
 
