@@ -7,8 +7,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
 
 PG_URL = os.environ.get("KEEL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -86,3 +91,22 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         url = request.getfixturevalue("pg_url")
         monkeypatch.setenv("KEEL_DB_URL", url)
     return str(request.param)
+
+
+@pytest.fixture
+def app(backend: str) -> Iterator[FastAPI]:
+    """The server app (tests/server_support.py) on this test's store; its run threads
+    are stopped afterwards."""
+    from server_support import make_app, stop
+
+    made = make_app()
+    yield made
+    stop(made)
+
+
+@pytest.fixture
+def api(app: FastAPI) -> TestClient:
+    """An anonymous client of `app`."""
+    from server_support import client
+
+    return client(app)

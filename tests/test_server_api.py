@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from starlette.testclient import TestClient
@@ -23,25 +21,10 @@ from server_support import (
     assert_error,
     client,
     launch,
-    make_app,
-    stop,
     tokens,
     wait_status,
     wait_until,
 )
-
-
-@pytest.fixture
-def app(backend: str) -> Iterator[FastAPI]:
-    app = make_app()
-    yield app
-    stop(app)
-
-
-@pytest.fixture
-def api(app: FastAPI) -> TestClient:
-    return client(app)
-
 
 # -- workflows and launching -----------------------------------------------------------------
 

@@ -8,7 +8,6 @@ import base64
 import hashlib
 import json
 import pickle
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,19 +20,7 @@ from starlette.testclient import TestClient
 import keel
 from keel.server.routes.metrics import downsample
 from keel.store.metadata import open_store
-from server_support import assert_error, client, launch, make_app, stop, tokens, wait_status
-
-
-@pytest.fixture
-def app(backend: str) -> Iterator[FastAPI]:
-    app = make_app()
-    yield app
-    stop(app)
-
-
-@pytest.fixture
-def api(app: FastAPI) -> TestClient:
-    return client(app)
+from server_support import assert_error, client, launch, tokens, wait_status
 
 
 @pytest.fixture

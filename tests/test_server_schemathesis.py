@@ -6,10 +6,8 @@ minutes; on SQLite and PostgreSQL (which refuses NUL characters: a 400, not a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
@@ -23,7 +21,7 @@ from starlette.testclient import TestClient
 
 from keel.server import auth
 from keel.store.metadata import open_store
-from server_support import launch, make_app, stop, wait_status
+from server_support import launch, wait_status
 
 CHECKS = [
     not_a_server_error,
@@ -32,13 +30,6 @@ CHECKS = [
     response_schema_conformance,
 ]
 EXAMPLES = 15  # per operation
-
-
-@pytest.fixture
-def app(backend: str) -> Iterator[FastAPI]:
-    app = make_app()
-    yield app
-    stop(app)
 
 
 def test_api_matches_its_schema(app: FastAPI) -> None:

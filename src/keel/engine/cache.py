@@ -62,21 +62,18 @@ def _value_digest(value: Any, what: str) -> str:
 def _input_digest(value: Any, what: str) -> str:
     """The content hash of one input, futures (at any depth) by their recorded output:
     by value when it is small, else by its digest."""
-    if _has_future(value):
-        resolved = _resolved(value)
-        if resolved is not _MISSING:
-            return _value_digest(resolved, what)
+    if not _has_future(value):
+        return _value_digest(value, what)
+    resolved = _resolved(value)
+    if resolved is not _MISSING:
+        return _value_digest(resolved, what)
     if isinstance(value, StepFuture):
         return value.stored.digest  # type: ignore[no-any-return]
-    if isinstance(value, (list, tuple)) and _has_future(value):
+    if isinstance(value, (list, tuple)):
         inner = ",".join(_input_digest(v, what) for v in value)
         return hashlib.sha256(f"{type(value).__name__}[{inner}]".encode()).hexdigest()
-    if isinstance(value, dict) and _has_future(value):
-        inner = ",".join(
-            f"{k!r}:{_input_digest(v, what)}" for k, v in sorted(value.items(), key=repr)
-        )
-        return hashlib.sha256(f"dict{{{inner}}}".encode()).hexdigest()
-    return _value_digest(value, what)
+    inner = ",".join(f"{k!r}:{_input_digest(v, what)}" for k, v in sorted(value.items(), key=repr))
+    return hashlib.sha256(f"dict{{{inner}}}".encode()).hexdigest()
 
 
 def cache_parts(

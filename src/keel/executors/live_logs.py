@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("keel.live_logs")
 
 IDLE_SECONDS = 1.0  # how often the thread looks for attempts when none runs
+MIN_SECONDS = 0.05  # a tiny interval must not turn the thread into a busy loop
 
 # The attempts running in this process, by id(buffer): (call, buffer, start). Plain
 # dict operations are atomic under the GIL; this runs once per step, so no lock.
@@ -110,7 +111,8 @@ def _ship(call: StepCall, buffer: StepLogBuffer) -> None:
 def _loop() -> None:
     while True:
         running = list(_active.values())
-        time.sleep(min((c.live_log_interval for c, _, _ in running), default=IDLE_SECONDS))
+        every = min((c.live_log_interval for c, _, _ in running), default=IDLE_SECONDS)
+        time.sleep(max(MIN_SECONDS, every))
         now = time.monotonic()
         for call, buffer, since in running:
             if now - since < call.live_log_interval:
