@@ -82,10 +82,13 @@ def test_upgrading_to_0007_keeps_queued_items_and_stops_reusing_ids(tmp_path: Pa
     engine.dispose()
 
 
+def step_item(run_id: str, seq: int) -> queue.StepItem:
+    return queue.StepItem(run_id, seq, 1, "default", 0, None, b"x")
+
+
 def test_collected_queue_ids_are_not_handed_out_again(backend: str) -> None:
     store = open_store()
-    for seq in range(3):
-        queue.enqueue(store, kind="step", run_id="r1", seq=seq, attempt=1, payload=b"x")
+    queue.enqueue_steps(store, [step_item("r1", seq) for seq in range(3)])
     claims = [queue.claim(store, "w", ["default"], lease_seconds=30) for _ in range(3)]
     ids = []
     for claim in claims:
@@ -95,7 +98,7 @@ def test_collected_queue_ids_are_not_handed_out_again(backend: str) -> None:
     keys = [queue.step_key("r1", seq, 1) for seq in range(3)]
     assert sorted(queue.finished_outcomes(store, keys)) == [(k, b"outcome") for k in keys]
     assert queue.finished_outcomes(store, keys) == []  # collected once
-    queue.enqueue(store, kind="step", run_id="r1", seq=3, attempt=1, payload=b"x")
+    queue.enqueue_steps(store, [step_item("r1", 3)])
     again = queue.claim(store, "w", ["default"], lease_seconds=30)
     assert again is not None
     assert again.id not in ids

@@ -232,11 +232,16 @@ def test_each_collected_outcome_reaches_its_own_step(backend: str) -> None:
 CLAIMER = textwrap.dedent(
     """
     import sys, time
+    from pathlib import Path
     from keel.store import queue
     from keel.store.metadata import open_store
 
+    me, gate = sys.argv[1], Path(sys.argv[2])
     store = open_store()
-    me, idle_since = sys.argv[1], None
+    (gate / f"{me}.ready").touch()
+    while not (gate / "go").exists():  # all claimers start together
+        time.sleep(0.01)
+    idle_since = None
     while True:
         claim = queue.claim(store, me, ["bulk"], lease_seconds=600)
         if claim is None:
@@ -246,6 +251,7 @@ CLAIMER = textwrap.dedent(
             continue
         idle_since = None
         print(claim.id, flush=True)
+        time.sleep(0.002)  # the work, done outside any transaction as a worker does
         queue.complete(store, claim.id, me, b"ok")
     """
 )
@@ -254,20 +260,26 @@ CLAIMER = textwrap.dedent(
 def test_concurrent_claimers_take_each_item_exactly_once(backend: str, tmp_path: Path) -> None:
     n = 300
     db = store()
-    for i in range(n):
-        queue.enqueue(db, kind="step", run_id="r-bulk", seq=i, attempt=1, queue="bulk")
+    items = [queue.StepItem("r-bulk", i, 1, "bulk", 0, None, b"call") for i in range(n)]
+    queue.enqueue_steps(db, items)
+    gate = tmp_path / "gate"
+    gate.mkdir()
     claimers = [
-        Proc(tmp_path, f"claimer{k}", [sys.executable, "-c", CLAIMER, f"c{k}"], child_env())
+        Proc(tmp_path, f"c{k}", [sys.executable, "-c", CLAIMER, f"c{k}", str(gate)], child_env())
         for k in range(3)
     ]
+    ready = [gate / f"{c.label}.ready" for c in claimers]
+    wait_until("every claimer to open the store", lambda: all(map(Path.exists, ready)), *claimers)
+    (gate / "go").touch()
     for c in claimers:
         wait_until(f"{c.label} to finish", c.ended)
         assert c.proc.returncode == 0, c.output()
-    claimed = [int(x) for c in claimers for x in c.stdout.read_text().split()]
-    counts = Counter(claimed)
+    claimed = {c.label: [int(x) for x in c.stdout.read_text().split()] for c in claimers}
+    counts = Counter(i for ids in claimed.values() for i in ids)
     assert len(counts) == n, f"{n - len(counts)} items never claimed"
     assert max(counts.values()) == 1, [i for i, k in counts.items() if k > 1]
-    assert all(c.stdout.read_text().split() for c in claimers), "every claimer got some"
+    # Started together, with work between claims, none of them can be shut out.
+    assert all(claimed.values()), {label: len(ids) for label, ids in claimed.items()}
     rows = queue_rows(run_id="r-bulk")
     assert {r.status for r in rows} == {"done"}
     assert {r.claims for r in rows} == {1}

@@ -200,7 +200,7 @@ def submit(
     row.update(status=str(RunStatus.PENDING), started_at=None, queue=queue_name, priority=priority)
     record_new_run(session, row, clean)
     session.recorder.flush()
-    queue.enqueue(store, kind="run", run_id=run_id, queue=queue_name, priority=priority)
+    queue.enqueue_run(store, run_id, queue=queue_name, priority=priority)
     return RunHandle(run_id, store)
 
 

@@ -219,10 +219,9 @@ def _park(state: RunState, suspended: Suspended) -> RunOutcome:
         # Queued before the run is marked PENDING: a crash in between leaves a RUNNING run
         # that is queued (continued when due), never a PENDING run no one will claim.
         # A child run is continued by its parent's replay, never on its own.
-        queue.enqueue(
+        queue.enqueue_run(
             session.store,
-            kind="run",
-            run_id=state.run_id,
+            state.run_id,
             queue=(row.queue if row is not None and row.queue else "default"),
             priority=(row.priority if row is not None and row.priority else 0),
             not_before=wake_at,

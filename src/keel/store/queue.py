@@ -107,44 +107,34 @@ def step_key(run_id: str, seq: int | None, attempt: int | None) -> str:
     return f"step:{run_id}:{seq}:{attempt}"
 
 
-def enqueue(
+def enqueue_run(
     store: MetadataStore,
-    *,
-    kind: str,
     run_id: str,
+    *,
     queue: str = "default",
     priority: int = 0,
-    pool: str | None = None,
     not_before: float | None = None,
-    seq: int | None = None,
-    attempt: int | None = None,
-    payload: bytes | None = None,
 ) -> None:
-    """Queue a run or a step. Queuing the same step attempt twice is a no-op (a
-    coordinator that resumed after a crash re-submits what was in flight)."""
-    if pool is not None:
-        check_pool(store, pool)
+    """Queue a run for a worker to claim (now, or from `not_before`). A run has one queue
+    entry, re-armed whenever it is suspended again. Steps are queued with enqueue_steps."""
     now = time.time()
-    dedupe = f"run:{run_id}" if kind == "run" else step_key(run_id, seq, attempt)
-    row = _row(dedupe, kind, run_id, seq, attempt, queue, priority, pool, payload, now, not_before)
+    dedupe = f"run:{run_id}"
+    row = _row(dedupe, "run", run_id, None, None, queue, priority, None, None, now, not_before)
     with store.engine.begin() as conn:
-        if kind == "run":
-            # A run has one queue entry, re-armed whenever it is suspended again.
-            updated = conn.execute(
-                queue_items.update()
-                .where(queue_items.c.dedupe == dedupe)
-                .values(
-                    status=QUEUED,
-                    not_before=row["not_before"],
-                    claimed_by=None,
-                    lease_until=None,
-                    queue=queue,
-                    priority=priority,
-                )
-            ).rowcount
-            if updated:
-                return
-        _insert_ignore(store, conn, [row])
+        updated = conn.execute(
+            queue_items.update()
+            .where(queue_items.c.dedupe == dedupe)
+            .values(
+                status=QUEUED,
+                not_before=row["not_before"],
+                claimed_by=None,
+                lease_until=None,
+                queue=queue,
+                priority=priority,
+            )
+        ).rowcount
+        if not updated:
+            _insert_ignore(store, conn, [row])
 
 
 @dataclass(frozen=True, slots=True)

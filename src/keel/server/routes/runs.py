@@ -365,9 +365,7 @@ def resume_run(
             host=None,
             pid=None,
         )
-        queue.enqueue(
-            store, kind="run", run_id=rid, queue=row.queue or "default", priority=row.priority or 0
-        )
+        queue.enqueue_run(store, rid, queue=row.queue or "default", priority=row.priority or 0)
     if dispatch_of(state) == "server":
         runner.follow(rid)
     where = "in the server" if dispatch_of(state) == "server" else "by a worker"
