@@ -357,7 +357,7 @@ def _model() -> tuple[Any, np.ndarray]:
     return LogisticRegression().fit(features, labels), features
 
 
-def test_sklearn_log_model_load_model_and_registry(server: str) -> None:
+def test_sklearn_log_model_load_model_and_registry(server: str, tmp_path: Path) -> None:
     client = MlflowClient()
     model, features = _model()
     mlflow.set_experiment("mlf-models")
@@ -395,8 +395,32 @@ def test_sklearn_log_model_load_model_and_registry(server: str) -> None:
     from keel.tracking import registry
 
     numbers = [(v.version, v.flavor, v.run_id) for v in registry.list_versions("mlf-digits")]
-    assert numbers == [(1, "mlflow", run_id), (2, "mlflow", None)]
+    assert numbers[:2] == [(1, "mlflow", run_id), (2, "mlflow", None)]
     assert registry.get_version("mlf-digits", "champion").version == 1
+    # ... and keel loads them: a run's model folder (v1) and a logged model (v2)
+    for uri in ("models:/mlf-digits@champion", "models:/mlf-digits/2"):
+        loaded_by_keel = keel.load_model(uri)
+        assert type(loaded_by_keel.unwrap()).__name__ == "LogisticRegression"
+        assert list(loaded_by_keel.predict(features[:5])) == list(expected)
+    # a model folder uploaded as plain run artifacts, registered by its runs:/ path
+    mlflow.sklearn.save_model(model, tmp_path / "saved")
+    with mlflow.start_run(experiment_id=run.info.experiment_id) as folder_run:
+        mlflow.log_artifacts(str(tmp_path / "saved"), "exported/model")
+    folder_uri = f"runs:/{folder_run.info.run_id}/exported/model"
+    by_folder = client.create_model_version(
+        "mlf-digits", source=folder_uri, run_id=folder_run.info.run_id
+    )
+    folder_version = registry.get_version("mlf-digits", int(by_folder.version))
+    assert folder_version.meta["mlflow_model_id"] is None
+    loaded_by_keel = keel.load_model(f"models:/mlf-digits/{by_folder.version}")
+    assert list(loaded_by_keel.predict(features[:5])) == list(expected)
+    # keel re-registers an MLflow version as its own sklearn flavor
+    native = keel.register_model("keel-digits", "models:/mlf-digits/2", flavor="sklearn")
+    assert native.flavor == "sklearn"
+    assert list(keel.load_model(native.uri).predict(features[:5])) == list(expected)
+    elsewhere = client.create_model_version("mlf-digits", source="s3://bucket/not-here")
+    with pytest.raises(keel.errors.ModelRegistryError, match="cannot find the files"):
+        keel.load_model(f"models:/mlf-digits/{elsewhere.version}")
     client.delete_registered_model_alias("mlf-digits", "champion")
     with pytest.raises(MlflowException) as err:
         client.get_model_version_by_alias("mlf-digits", "champion")
@@ -407,6 +431,8 @@ def test_sklearn_log_model_load_model_and_registry(server: str) -> None:
         "create_version",
         "create_version",
         "set_alias",
+        "create_version",
+        "create_version",
         "delete_alias",
     ]
     client.delete_registered_model("mlf-digits")

@@ -105,7 +105,7 @@ def library_versions(flavor: str) -> dict[str, str]:
     return out
 
 
-def _need(module: str, package: str, why: str) -> Any:
+def need_module(module: str, package: str, why: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -146,7 +146,9 @@ class SklearnFlavor:
             return Saved(data, "model.pkl", {"format": "cloudpickle", **meta})
 
     def load(self, data: bytes, meta: Mapping[str, Any]) -> Any:
-        sklearn = _need("sklearn", f"scikit-learn=={meta.get('sklearn_version')}", "this model")
+        sklearn = need_module(
+            "sklearn", f"scikit-learn=={meta.get('sklearn_version')}", "this model"
+        )
         check_version("scikit-learn", meta.get("sklearn_version"), sklearn.__version__)
         return deserialize(data, meta)
 
@@ -201,7 +203,7 @@ class OnnxModel:
     the second (classifiers converted by skl2onnx), `.run(feeds)` the raw session."""
 
     def __init__(self, data: bytes) -> None:
-        ort = _need("onnxruntime", "onnxruntime", "an ONNX model")
+        ort = need_module("onnxruntime", "onnxruntime", "an ONNX model")
         self._bytes = data
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         self.inputs = list(self.session.get_inputs())
@@ -250,7 +252,7 @@ class OnnxFlavor:
         return cls.__name__ == "ModelProto" and cls.__module__.startswith("onnx")
 
     def save(self, model: Any, signature: Signature | None) -> Saved:
-        onnx = _need("onnx", "onnx", "the onnx flavor")
+        onnx = need_module("onnx", "onnx", "the onnx flavor")
         meta: dict[str, Any] = {"format": "onnx", "onnx_version": onnx.__version__}
         if not self.accepts(model):
             if not SklearnFlavor().accepts(model):
@@ -271,7 +273,7 @@ class OnnxFlavor:
 
 
 def _convert_sklearn(model: Any, signature: Signature | None) -> tuple[Any, dict[str, Any]]:
-    skl2onnx = _need("skl2onnx", "skl2onnx", "converting a scikit-learn model to ONNX")
+    skl2onnx = need_module("skl2onnx", "skl2onnx", "converting a scikit-learn model to ONNX")
     from sklearn.base import is_classifier
 
     sig = signature or signature_from_estimator(model)

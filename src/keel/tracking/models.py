@@ -375,10 +375,14 @@ class LoadedModel:
 
 
 def load_source(store: MetadataStore, source: ModelSource, uri: str) -> LoadedModel:
-    flavor = get_flavor(source.flavor)
-    if source.live is not None and source.flavor != "onnx":
+    if source.flavor == "mlflow":
+        from keel.tracking.mlflow_models import load_mlflow_model
+
+        raw = load_mlflow_model(store, source.meta, source.run_id, source.seq)
+    elif source.live is not None and source.flavor != "onnx":
         raw = source.live
     else:
+        flavor = get_flavor(source.flavor)
         data = artifact_store(store.config.artifacts_url).get(source.source_hash)
         raw = flavor.load(data, source.meta)
     return LoadedModel(

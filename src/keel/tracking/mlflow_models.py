@@ -1,0 +1,104 @@
+"""Loading a model version registered through the MLflow API (flavor "mlflow").
+
+Such a version's files are an MLflow model directory (an `MLmodel` file and what
+its flavors saved) that the `mlflow` client uploaded to keel's artifact store: the
+files of a logged model, or a folder of a run's artifacts. They are written once
+into a local directory named after their digests and loaded with MLflow's own
+loader: the native scikit-learn object when the model has that flavor (as keel's
+own sklearn flavor returns), else MLflow's pyfunc model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from keel.errors import ModelRegistryError
+from keel.store.artifacts import artifact_store
+from keel.store.metadata import MetadataStore
+from keel.store.schema import logged_artifacts, logged_model_files
+from keel.tracking.flavors import need_module
+
+# "runs:/RUN/path" or "mlflow-artifacts:/EXP/RUN/artifacts/path": the folder's path.
+_RUN_FOLDER = re.compile(r"^(?:runs:/[^/]+/|mlflow-artifacts:/[^/]+/[^/]+/artifacts/)(.+)$")
+
+
+def load_mlflow_model(
+    store: MetadataStore, meta: dict[str, Any], run_id: str | None, seq: int | None
+) -> Any:
+    """The live model of a version whose `meta` names its MLflow source."""
+    source = str(meta.get("mlflow_source") or "")
+    files = _model_files(store, meta, source, run_id, seq)
+    if "MLmodel" not in files:
+        raise ModelRegistryError(
+            f"the MLflow model at {source!r} has no MLmodel file in keel's artifact store",
+            hint="Log the model with mlflow.<flavor>.log_model against this keel server, "
+            "then register it again",
+        )
+    models = need_module("mlflow.models", "mlflow-skinny", "loading a model logged with MLflow")
+    folder = str(_materialize(store, files))
+    flavor = "sklearn" if "sklearn" in models.Model.load(folder).flavors else "pyfunc"
+    loader = need_module(f"mlflow.{flavor}", "mlflow-skinny", f"an MLflow {flavor} model")
+    return loader.load_model(folder)
+
+
+def _model_files(
+    store: MetadataStore, meta: dict[str, Any], source: str, run_id: str | None, seq: int | None
+) -> dict[str, str]:
+    """Relative path -> artifact hash of the model directory's files."""
+    with store.engine.connect() as conn:
+        if meta.get("mlflow_model_id"):
+            rows = conn.execute(
+                sa.select(logged_model_files.c.path, logged_model_files.c.hash).where(
+                    logged_model_files.c.model_id == meta["mlflow_model_id"]
+                )
+            ).all()
+            return {path: digest for path, digest in rows}
+        match = _RUN_FOLDER.match(source)
+        if match is None or run_id is None:
+            raise ModelRegistryError(
+                f"keel cannot find the files of the MLflow model at {source!r}",
+                hint="Register a model logged to this keel server (runs:/RUN_ID/PATH "
+                "or models:/MODEL_ID)",
+            )
+        folder = match.group(1).strip("/")
+        rows = conn.execute(
+            sa.select(logged_artifacts.c.path, logged_artifacts.c.hash).where(
+                logged_artifacts.c.run_id == run_id,
+                logged_artifacts.c.seq == (-1 if seq is None else seq),
+                logged_artifacts.c.path.startswith(folder + "/", autoescape=True),
+            )
+        ).all()
+    return {path[len(folder) + 1 :]: digest for path, digest in rows}
+
+
+def _materialize(store: MetadataStore, files: dict[str, str]) -> Path:
+    """A local directory holding `files`, written once per distinct set of contents."""
+    key = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:32]
+    folder = Path(tempfile.gettempdir()) / "keel-mlflow-models" / key
+    if folder.is_dir():
+        return folder
+    artifacts = artifact_store(store.config.artifacts_url)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
+    try:
+        for rel, digest in files.items():
+            target = (partial / rel).resolve()
+            if not target.is_relative_to(partial.resolve()):
+                raise ModelRegistryError(f"an MLflow model file has an unsafe path: {rel!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(artifacts.get(digest))
+        os.rename(partial, folder)  # atomic: a reader sees all the files or none
+    except OSError:
+        if not folder.is_dir():  # another process did not win the same rename
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
