@@ -404,6 +404,15 @@ def test_retry_and_resume_refuse_unfinished_or_child_runs(api: TestClient) -> No
     assert_error(api.post("/api/v1/runs/r00000x/retry"), 409, "conflict")
 
 
+def test_retry_of_a_run_whose_code_is_gone_answers_at_once(api: TestClient) -> None:
+    _insert_runs(1)  # workflow "beta", recorded without an entry point
+    reply = api.post("/api/v1/runs/r00000x/retry")
+    assert 400 <= reply.status_code < 500, reply.text
+    assert "beta" in reply.json()["error"]["message"]
+    with open_store().engine.connect() as conn:
+        assert conn.execute(sa.select(runs.c.id).where(runs.c.retry_of == "r00000x")).all() == []
+
+
 def test_signal_wakes_a_waiting_run(api: TestClient) -> None:
     run = launch(api, "waits_for_signal")
     rid = run["id"]

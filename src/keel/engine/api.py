@@ -18,6 +18,7 @@ from keel.engine.execute import (
     record_new_run,
     running_here,
 )
+from keel.engine.run import RunState
 from keel.engine.session import Session
 from keel.errors import RunStateError
 from keel.ids import new_run_id
@@ -326,18 +327,33 @@ def resume(
     return RunHandle(rid, store)
 
 
-def retry(
+class PreparedRetry:
+    """A retry recorded in the store and not started yet: its run id is known before
+    it runs (the server answers with it, then runs it on a thread)."""
+
+    def __init__(self, state: RunState, params: dict[str, Any], session: Session) -> None:
+        self.id: str = state.run_id
+        self._state = state
+        self._params = params
+        self._session = session
+
+    def execute(self) -> RunHandle:
+        """Run the retry to its end (or until it parks) on this thread."""
+        try:
+            execute(self._state, self._params)
+        finally:
+            self._session.close()
+        return RunHandle(self.id, self._session.store)
+
+
+def prepare_retry(
     run_id: str,
     *,
     workflow: Workflow[Any, Any] | None = None,
     session: Session | None = None,
     store: MetadataStore | None = None,
-) -> RunHandle:
-    """Start a new run of a finished run's workflow that reuses its succeeded steps.
-
-    The workflow's current code is used, so a fix can be tried: steps are reused in
-    order until the code calls something different, and run fresh from there.
-    """
+) -> PreparedRetry:
+    """Record the new run of a retry of `run_id` (see `retry`) without running it."""
     store = store or (session.store if session else open_store())
     row = _top_level_run(store, run_id, "retry")
     rid = row.id
@@ -355,11 +371,22 @@ def retry(
     )
     record_new_run(session, new_row, params)
     state = fresh_state(session, new_id, wf, recorded, strict_replay=False, reused_from=rid)
-    try:
-        execute(state, params)
-    finally:
-        session.close()
-    return RunHandle(new_id, store)
+    return PreparedRetry(state, params, session)
+
+
+def retry(
+    run_id: str,
+    *,
+    workflow: Workflow[Any, Any] | None = None,
+    session: Session | None = None,
+    store: MetadataStore | None = None,
+) -> RunHandle:
+    """Start a new run of a finished run's workflow that reuses its succeeded steps.
+
+    The workflow's current code is used, so a fix can be tried: steps are reused in
+    order until the code calls something different, and run fresh from there.
+    """
+    return prepare_retry(run_id, workflow=workflow, session=session, store=store).execute()
 
 
 def cancel(run_id: str, *, store: MetadataStore | None = None) -> str:

@@ -24,7 +24,6 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -250,7 +249,6 @@ class Runner:
         self._executing: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._retry_lock = threading.Lock()
         self._stop = threading.Event()
 
     def active(self, run_id: str) -> bool:
@@ -327,37 +325,14 @@ class Runner:
                 queue.complete(self.store, claim.id, self.id)
                 return
 
-    def retry(self, run_id: str, timeout: float = 30.0) -> str:
-        """Start `keel.engine.api.retry` on a thread; the new run's id once it exists."""
-        import sqlalchemy as sa
+    def retry(self, run_id: str) -> str:
+        """Record the retry of `run_id` (errors go to the caller), run it on a thread;
+        the new run's id."""
+        from keel.engine.api import prepare_retry
 
-        from keel.engine.api import retry
-        from keel.store.schema import runs
-
-        started = time.time()
-        done: Future[str] = Future()
-
-        def work() -> None:
-            try:
-                done.set_result(retry(run_id, store=self.store).id)
-            except Exception as exc:  # handed to the request that asked for the retry
-                done.set_exception(exc)
-
-        stmt = sa.select(runs.c.id).where(runs.c.retry_of == run_id)
-        # One retry starts at a time, so the new run of this one is the one that appears.
-        with self._retry_lock:
-            with self.store.engine.connect() as conn:
-                known = set(conn.execute(stmt).scalars())
-            self._start(f"retry:{run_id}:{started}", work)
-            while time.time() - started < timeout:
-                if done.done():
-                    return str(done.result())  # raises what retry raised
-                with self.store.engine.connect() as conn:
-                    new = set(conn.execute(stmt).scalars()) - known
-                if new:
-                    return str(sorted(new)[0])
-                time.sleep(0.02)
-        raise KeelError(f"the retry of run {run_id} did not start within {timeout:g}s")
+        prepared = prepare_retry(run_id, store=self.store)
+        self._start(prepared.id, prepared.execute)
+        return prepared.id
 
     def stop(self, wait: float = 0.0) -> None:
         """Stop following queued runs; wait up to `wait` seconds for running ones."""
