@@ -91,7 +91,9 @@ def tick(control: str, i: int) -> int:
 
 
 @keel.workflow
-def ticking(control: str, n: int = 40) -> int:
+def ticking(control: str, n: int = 300) -> int:
+    # Slow, 300 steps take a minute: time enough for a test on a loaded machine to
+    # interrupt or cancel the run before it ends by itself.
     return sum(tick(control, i) for i in range(n))
 
 

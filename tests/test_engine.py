@@ -639,8 +639,8 @@ def test_statuses_and_times_are_recorded(backend: str) -> None:
 
 
 class _Gauge:
-    """Counts steps running at once. Each step waits (bounded) until `target` steps run
-    together, so the maximum reaches the limit whenever the engine allows it."""
+    """Counts steps running at once. Each step waits (bounded) until `target` steps have
+    run together, so the maximum reaches the limit whenever the engine allows it."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
@@ -656,7 +656,9 @@ class _Gauge:
             self.peak[name] = max(self.peak.get(name, 0), self.running[name])
             self.total_peak = max(self.total_peak, self.total_running)
             self.cond.notify_all()
-            self.cond.wait_for(lambda: self.running[name] >= target, timeout=2.0)
+            # Once the peak was reached nobody waits; until then, long enough for a loaded
+            # machine to dispatch the others (bounded, so a broken limit cannot hang).
+            self.cond.wait_for(lambda: self.peak[name] >= target, timeout=60.0)
 
     def leave(self, name: str) -> None:
         with self.cond:

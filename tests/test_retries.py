@@ -140,10 +140,11 @@ def test_backoff_delays_grow(backend: str, executor: str, tmp_path: Path) -> Non
     assert [int(n) for n, _ in records] == [1, 2, 3, 4]
     times = [float(t) for _, t in records]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    # Delays of 0.05, 0.2 and 0.8 s: each wait is at least its delay and they grow.
+    # Delays of 0.05, 0.2 and 0.8 s: each wait is at least its own, growing delay.
+    # (Not compared with each other: the time to record a failure and dispatch the
+    # next attempt varies on a loaded machine by more than the first two differ.)
     for gap, delay in zip(gaps, [0.05, 0.2, 0.8], strict=True):
         assert gap >= delay * 0.95
-    assert gaps[0] < gaps[1] < gaps[2]
 
 
 def test_retries_exhausted(backend: str, executor: str, tmp_path: Path) -> None:

@@ -592,14 +592,16 @@ def test_a_1000_interval_backfill(backend: str) -> None:
 
 
 def test_backfill_cap_holds_and_scheduled_runs_go_first(backend: str, tmp_path: Path) -> None:
-    counter, log = str(tmp_path / "counter"), str(tmp_path / "log")
+    counter, log, gate = (str(tmp_path / name) for name in ("counter", "log", "gate"))
+    # The backfill's runs hold their slots until the gate opens, so the scheduled run
+    # certainly comes while most of them wait, however slow the machine.
     done = keel.backfill(
         flows.hold,
         T0,
         T0 + timedelta(hours=7),
         every="1h",
         max_active_runs=2,
-        params={"counter": counter, "log": log, "label": "backfill"},
+        params={"counter": counter, "log": log, "label": "backfill", "gate": gate},
     )
     assert done.runs == 8
     keel.schedules.add(
@@ -620,10 +622,11 @@ def test_backfill_cap_holds_and_scheduled_runs_go_first(backend: str, tmp_path: 
         wait_until("the scheduled run to end", lambda: finished([scheduled]))
         store = open_store()
         waiting = [r for r in done.run_ids if store.get_run(r).status == "PENDING"]
+        Path(gate).touch()
         wait_until("the backfill to end", lambda: finished(done.run_ids))
-    assert waiting, "the scheduled run should not wait for the whole backfill"
+    assert len(waiting) >= 6, "the scheduled run should not wait for the whole backfill"
     starts = [line.split()[1] for line in Path(log).read_text().splitlines()]
-    assert starts.count("backfill") == 8 and starts.index("scheduled") < 8
+    assert starts.count("backfill") == 8 and starts.index("scheduled") <= 2
     assert flows.read_peak(counter)[1] <= 2  # never more backfill runs at once than its cap
     assert all(open_store().get_run(r).status == "SUCCEEDED" for r in done.run_ids)
 

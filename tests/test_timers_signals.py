@@ -43,6 +43,9 @@ from keel.scheduler.worker import Worker
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 LONG = SUSPEND_AFTER + 3  # a wait that parks the run
+# A parked wait a test inspects before it ends: long enough that the foreground does
+# not continue the run first while a loaded machine holds the test thread up.
+PARKED = SUSPEND_AFTER + 10
 
 
 class ThreadWorker:
@@ -102,7 +105,7 @@ def test_long_sleep_parks_the_run_and_the_foreground_continues_it(
     backend: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "effects.txt"
-    running = InThread(flows.sleepy, out=str(out), seconds=LONG)
+    running = InThread(flows.sleepy, out=str(out), seconds=PARKED)
     run_id = wait_parked("sleepy")
     wake_at = recorded_wait(run_id, "sleep-1")["wake_at"]
     parked = run_row(run_id)
@@ -128,7 +131,7 @@ def test_a_timer_outlives_the_process_that_set_it(
     backend: str, tmp_path: Path, picker: str
 ) -> None:
     out = tmp_path / "effects.txt"
-    flow = flow_process(tmp_path, "sleepy", out=out, seconds=SUSPEND_AFTER + 4)
+    flow = flow_process(tmp_path, "sleepy", out=out, seconds=PARKED)
     run_id = wait_parked("sleepy", flow)
     wake_at = recorded_wait(run_id, "sleep-1")["wake_at"]
     flow.kill_hard()
@@ -283,7 +286,7 @@ def test_two_waits_one_signal_before_one_after(backend: str) -> None:
 
 
 def test_replay_sees_the_same_signal_payload(backend: str) -> None:
-    running = InThread(flows.wait_then_sleep, seconds=LONG)
+    running = InThread(flows.wait_then_sleep, seconds=PARKED)
     run_id = wait_parked("wait_then_sleep")
     keel.signal(run_id, "value", "first")
     wait_until(

@@ -384,12 +384,13 @@ def test_a_running_run_updates_live(page: Page, tmp_path: Path) -> None:
 
         run_id = page.wait(running_run, "the gated run to start its steps")
 
-        # A first tab follows the log of one of the waiting steps. (A step's output is
-        # recorded when its attempt ends, so the log is empty until then.)
+        # A first tab follows the log of one of the waiting steps: what it printed so
+        # far is recorded while it runs (live logs) and shows up in the tail.
         page.open(f"/runs/{run_id}/steps/gate-0")
         page.wait(lambda: "running" in page.text("h1 + .subtitle .badge"), "the step's status")
         page.wait(lambda: "tailing" in page.text("#step-logs .live"), "the log tail")
-        assert "part 0" not in page.text("#step-log")
+        page.wait(lambda: "part 0 waiting" in page.text("#step-log"), "the running step's log")
+        assert "part 0 through" not in page.text("#step-log")
         log_tab = page.driver.current_window_handle
         page.driver.switch_to.new_window("tab")
         page.open(f"/runs/{run_id}")

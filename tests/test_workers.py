@@ -81,6 +81,7 @@ def test_two_workers_500_steps_one_killed_midway(backend: str, tmp_path: Path) -
     # A short lease, so the survivor takes over the dead worker's steps soon.
     w1 = WorkerProcess(tmp_path, "w1", flows.STEPS_QUEUE, lease=3)
     w2 = WorkerProcess(tmp_path, "w2", flows.STEPS_QUEUE, lease=3)
+    assert w1.id != w2.id  # both are up, so neither finds the queue drained by the other
     running = InThread(flows.queued_fanout, out=str(out), n=n, delay=0.01)
     wait_until(
         "both workers to run steps and 150 steps to have run",

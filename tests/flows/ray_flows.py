@@ -258,9 +258,13 @@ def chunk(i: int, out: str) -> dict[str, Any]:
 
 @keel.task(name="ray_slow", resources={"pool": 1}, retries=2, retry_delay=0.2)
 def slow(i: int, out: str, seconds: float) -> dict[str, Any]:
+    """Runs for `seconds` or until the file `out`.release exists (the test removed the
+    node it wanted to see die under a running step)."""
     ctx = keel.context()
     append_line(out, f"{ctx.step_key} {ctx.attempt} {node_id()}")
-    time.sleep(seconds)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not os.path.exists(f"{out}.release"):
+        time.sleep(0.05)
     return {"i": i, "node": node_id(), "attempt": ctx.attempt}
 
 

@@ -61,11 +61,21 @@ def read_peak(path: str) -> tuple[int, int]:
 
 
 @keel.workflow(name="sched_hold")
-def hold(logical_date: datetime, counter: str, log: str, label: str, seconds: float = 0.4) -> str:
-    """Holds a slot for `seconds`, counting how many runs hold one at once."""
+def hold(
+    logical_date: datetime,
+    counter: str,
+    log: str,
+    label: str,
+    seconds: float = 0.4,
+    gate: str = "",
+) -> str:
+    """Holds a slot for `seconds` (or, given a `gate`, until that file exists), counting
+    how many runs hold one at once."""
     append_line(log, f"start {label}")
     bump(counter, +1)
-    time.sleep(seconds)
+    deadline = time.monotonic() + (120 if gate else seconds)
+    while time.monotonic() < deadline and not (gate and os.path.exists(gate)):
+        time.sleep(min(0.02, seconds) if gate else seconds)
     bump(counter, -1)
     return label
 
