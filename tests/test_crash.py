@@ -112,13 +112,15 @@ def succeeded_steps(run_id: str) -> dict[str, int]:
 def crash_fanout_midway(tmp_path: Path) -> tuple[str, Path, dict[str, int]]:
     """Start the 1,000-step run, kill it at about 30 %; its id, effects file, recorded steps."""
     effects = tmp_path / "effects.txt"
-    flow = FlowProcess(tmp_path, "crash_fanout", n=N_STEPS, out=effects, delay=0.008)
+    gate = tmp_path / "gate"  # the second half of the steps wait for it: killed mid-way
+    flow = FlowProcess(tmp_path, "crash_fanout", n=N_STEPS, out=effects, delay=0.008, gate=gate)
     wait_until(
         f"{KILL_AFTER_LINES} side-effect lines",
         lambda: len(read_lines(effects)) >= KILL_AFTER_LINES,
         flow,
     )
     flow.kill_hard()
+    gate.touch()  # the resumed run goes through
     run_id = only_run_id("crash_fanout")
     run = keel.Client().run(run_id)
     assert run.status == "RUNNING", "a killed run stays RUNNING in the store"

@@ -380,11 +380,12 @@ def test_coordinator_killed_then_resumed_on_ray(
     cluster: SimpleNamespace, keel_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "effects.txt"
+    gate = tmp_path / "gate"  # the second half of the steps wait for it: killed mid-way
     n = 40
     script = (
         "import keel\n"
         "from flows import ray_flows as flows\n"
-        f"keel.run(flows.crash, n={n}, out={str(out)!r}, delay=0.2)\n"
+        f"keel.run(flows.crash, n={n}, out={str(out)!r}, delay=0.2, gate={str(gate)!r})\n"
     )
     env = {
         **os.environ,
@@ -403,6 +404,7 @@ def test_coordinator_killed_then_resumed_on_ray(
     finally:
         proc.kill()
         proc.wait()
+        gate.touch()
 
     (run,) = keel.Client().runs(workflow="ray_crash")
     recorded = {s.key for s in run.steps if s.status == "SUCCEEDED"}

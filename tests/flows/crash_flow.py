@@ -26,9 +26,14 @@ def append_line(path: str, text: str) -> None:
 
 # -- 1,000 steps, then a reduce ---------------------------------------------------------
 @keel.task(name="crash_square")
-def crash_square(i: int, out: str, delay: float) -> int:
+def crash_square(i: int, out: str, delay: float, gate: str = "", gate_from: int = 0) -> int:
+    """Given a `gate` file, steps from `gate_from` on wait (bounded) until it exists, so
+    a test can kill the run while it is certainly mid-way."""
     append_line(out, str(i))
     time.sleep(delay)
+    deadline = time.monotonic() + 120
+    while gate and i >= gate_from and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
     return i * i
 
 
@@ -39,9 +44,10 @@ def crash_total(values: list[int], out: str) -> int:
 
 
 @keel.workflow(name="crash_fanout", max_concurrency=4)
-def crash_fanout(out: str, n: int = 1000, delay: float = 0.008) -> int:
-    """n steps squaring their index (each a line in `out`), then their sum."""
-    squares = crash_square.map(range(n), out=out, delay=delay)
+def crash_fanout(out: str, n: int = 1000, delay: float = 0.008, gate: str = "") -> int:
+    """n steps squaring their index (each a line in `out`), then their sum. Given a
+    `gate` file, the second half of the steps wait for it."""
+    squares = crash_square.map(range(n), out=out, delay=delay, gate=gate, gate_from=n // 2)
     return crash_total(squares, out)
 
 

@@ -234,15 +234,20 @@ def hogs(n: int, out: str, seconds: float) -> list[int]:
 
 
 @keel.task(name="ray_crash_step")
-def crash_step(i: int, out: str, delay: float) -> int:
+def crash_step(i: int, out: str, delay: float, gate: str = "", gate_from: int = 0) -> int:
+    """Given a `gate` file, steps from `gate_from` on wait (bounded) until it exists."""
     append_line(out, keel.context().step_key or "")
     time.sleep(delay)
+    deadline = time.monotonic() + 120
+    while gate and i >= gate_from and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
     return i * i
 
 
 @keel.workflow(name="ray_crash", max_concurrency=4)
-def crash(n: int, out: str, delay: float) -> int:
-    return sum(keel.gather(*crash_step.map(range(n), out=out, delay=delay)))
+def crash(n: int, out: str, delay: float, gate: str = "") -> int:
+    steps = crash_step.map(range(n), out=out, delay=delay, gate=gate, gate_from=n // 2)
+    return sum(keel.gather(*steps))
 
 
 # -- a node dies mid-run --------------------------------------------------------------------
