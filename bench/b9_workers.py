@@ -25,7 +25,12 @@ the lease and the whole lease, plus B's poll interval).
 PostgreSQL by default (a fresh schema on KEEL_BENCH_PG_URL, else the local server's
 `test` database, dropped at exit); `--db-url` names another store.
 
-    python bench/b9_workers.py [--n 1000] [--workers 1 2 4] [--leases 2 5 10] [--db-url URL]
+Claims against a backlog: one claim and completion at a time, with 1,000 and with
+30,000 items queued (`--backlog`); a claim reads the queue in index order, so the
+target is that the big backlog costs at most 1.5x the small one.
+
+    python bench/b9_workers.py [--n 1000] [--workers 1 2 4] [--leases 2 5 10]
+                               [--backlog 30000] [--db-url URL]
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import keel
 QUEUE = "b9"
 TAKEOVER_QUEUE = "b9-runs"
 BACKLOG_QUEUE = "b9-backlog"
+CLAIM_QUEUE = "b9-claims"
 PG_URL = os.environ.get("KEEL_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -309,6 +315,33 @@ def take_over(store: Any, lease: float) -> tuple[float, float]:
     return claimed_at - killed, ran_at - killed
 
 
+def claim_latency(store: Any, backlog: int, claims: int = 200) -> float:
+    """Seconds per claim and completion of one item with `backlog` items queued (in
+    three priorities) on a queue of its own; the items are removed afterwards."""
+    import sqlalchemy as sa
+
+    from keel.store import queue
+    from keel.store.schema import queue_items
+
+    run_id = f"b9-claims-{backlog}"
+    items = [queue.StepItem(run_id, i, 1, CLAIM_QUEUE, i % 3, None, b"x") for i in range(backlog)]
+    for start in range(0, backlog, 5000):
+        queue.enqueue_steps(store, items[start : start + 5000])
+    if store.dialect == "postgresql":
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE keel_queue")
+    try:
+        begin = time.perf_counter()
+        for _ in range(claims):
+            claim = queue.claim(store, "b9-claimer", [CLAIM_QUEUE], lease_seconds=60)
+            if claim is None or not queue.complete(store, claim.id, "b9-claimer", b"ok"):
+                raise SystemExit("a claim of the backlog failed")
+        return (time.perf_counter() - begin) / claims
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(sa.delete(queue_items).where(queue_items.c.run_id == run_id))
+
+
 def main(argv: list[str]) -> int:
     p = parser(__doc__.splitlines()[0], n=1000, repeat=1)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts")
@@ -318,6 +351,7 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--concurrency", type=int, default=4, help="items per worker at once (default 4)"
     )
+    p.add_argument("--backlog", type=int, default=30_000, help="queued items for the claim figure")
     args = p.parse_args(argv)
     url = args.db_url or pg_schema_url()
     fresh_home(url, args.keep)
@@ -388,7 +422,31 @@ def main(argv: list[str]) -> int:
                 extra={"first_step_s": first_step_s, "backend": backend},
             )
         )
-    title = f"B9 workers: {n:,} trivial queued steps; take-over of a dead worker's run"
+    small, big = (claim_latency(store, size) for size in (1_000, args.backlog))
+    lines.append(
+        (
+            "claim + complete",
+            f"{small * 1000:.2f} ms with 1,000 queued; "
+            f"{big * 1000:.2f} ms with {args.backlog:,} queued",
+        )
+    )
+    results.append(
+        Result(
+            "B9",
+            f"claim + complete with {args.backlog:,} queued",
+            big * 1000,
+            small * 1000,
+            "<= 1.5x the time with 1,000 queued",
+            big <= 1.5 * small,
+            unit="ms",
+            baseline_name="1,000 queued",
+            extra={"backend": backend},
+        )
+    )
+    title = (
+        f"B9 workers: {n:,} trivial queued steps; take-over of a dead worker's run; "
+        "claims against a backlog"
+    )
     report(title, lines, results, args.json)
     return 0
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,63 @@ def test_concurrent_claimers_take_each_item_exactly_once(backend: str, tmp_path:
     rows = queue_rows(run_id="r-bulk")
     assert {r.status for r in rows} == {"done"}
     assert {r.claims for r in rows} == {1}
+
+
+def test_claims_take_the_most_urgent_then_oldest_across_queues_and_expired_leases(
+    backend: str,
+) -> None:
+    db = store()
+    layout = [("a", 0), ("b", 5), ("a", 5), ("b", 0), ("a", 9), ("other", 99)]
+    queue.enqueue_steps(
+        db,
+        [queue.StepItem("r-order", seq, 1, q, p, None, b"x") for seq, (q, p) in enumerate(layout)],
+    )
+    lost = queue.claim(db, "dead", ["a"], lease_seconds=0.01)  # seq 4 (priority 9)
+    assert lost is not None and lost.seq == 4
+    time.sleep(0.05)  # its lease runs out: claimable again, still the most urgent
+    taken = []
+    while (claim := queue.claim(db, "w", ["a", "b"], lease_seconds=60)) is not None:
+        taken.append((claim.seq, claim.claims))
+    assert taken == [(4, 2), (1, 1), (2, 1), (0, 1), (3, 1)]  # queue "other" is not served
+
+
+def test_a_claim_reads_the_backlog_in_index_order(backend: str) -> None:
+    """Claims must not sort the whole backlog (that made each claim cost O(backlog)):
+    every query a claim runs is planned without a sort over the queue."""
+    import sqlalchemy as sa
+
+    db = store()
+    items = [queue.StepItem("r-plan", i, 1, "bulk", i % 3, None, b"x") for i in range(2000)]
+    queue.enqueue_steps(db, items)
+    if db.dialect == "postgresql":
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE keel_queue")
+    statements: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, sql: str, params: Any, context: Any, many: bool) -> None:
+        if sql.lstrip().upper().startswith("SELECT") and "keel_queue" in sql:
+            statements.append((sql, params))
+
+    sa.event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        claim = queue.claim(db, "w", ["bulk"], lease_seconds=60)
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", seen)
+    assert claim is not None and (claim.seq, claim.attempt) == (2, 1)  # priority 2, oldest
+    assert len(statements) >= 2
+    explain = "EXPLAIN " if db.dialect == "postgresql" else "EXPLAIN QUERY PLAN "
+    picked_in_order = 0
+    with db.engine.connect() as conn:
+        for sql, params in statements:
+            plan = " ".join(str(row) for row in conn.exec_driver_sql(explain + sql, params))
+            picked_in_order += "ix_keel_queue_pick" in plan
+            assert "Seq Scan on keel_queue" not in plan, (sql, plan)  # PostgreSQL
+            assert "SCAN keel_queue" not in plan.replace("SCAN keel_queue USING", ""), plan
+            # (Items whose lease ran out are few; sorting them is fine.)
+            if "ORDER BY" in sql and "lease_until <" not in sql:  # queued, in claim order
+                assert "ix_keel_queue_pick" in plan, plan
+                assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
+    assert picked_in_order, "no claim query read the queue through ix_keel_queue_pick"
 
 
 def test_three_workers_run_300_steps_each_exactly_once(backend: str, tmp_path: Path) -> None:

@@ -210,12 +210,53 @@ def _due(now: float) -> Any:
     )
 
 
-def _claimable(now: float, queues: Sequence[str], kinds: Sequence[str]) -> Any:
-    return sa.and_(
-        queue_items.c.queue.in_(list(queues)),
-        queue_items.c.kind.in_(list(kinds)),
-        _due(now),
+def _candidates(
+    store: MetadataStore,
+    conn: sa.Connection,
+    now: float,
+    queues: Sequence[str],
+    kinds: Sequence[str],
+    full: set[str],
+    limit: int,
+) -> list[tuple[int, str | None]]:
+    """Up to `limit` claimable items, most urgent then oldest first: (id, pool).
+
+    Each queue's queued items are read in the order of ix_keel_queue_pick, and items
+    whose lease ran out through ix_keel_queue_lease, so no query sorts the backlog."""
+    condition: list[Any] = [queue_items.c.kind.in_(list(kinds)), queue_items.c.not_before <= now]
+    if full:
+        # Items of pools that are full now are left out of the scan, so a long queue
+        # of them (a big backfill) cannot hide the claimable items behind it.
+        condition.append(
+            sa.or_(queue_items.c.pool.is_(None), queue_items.c.pool.notin_(sorted(full)))
+        )
+    columns = (queue_items.c.id, queue_items.c.pool, queue_items.c.priority)
+    order = (queue_items.c.priority.desc(), queue_items.c.id)
+    selects = [
+        sa.select(*columns)
+        .where(queue_items.c.status == QUEUED, queue_items.c.queue == name, *condition)
+        .order_by(*order)
+        .limit(limit)
+        for name in dict.fromkeys(queues)
+    ]
+    selects.append(
+        sa.select(*columns)
+        .where(
+            queue_items.c.status == CLAIMED,
+            queue_items.c.lease_until < now,
+            queue_items.c.queue.in_(list(queues)),
+            *condition,
+        )
+        .order_by(*order)
+        .limit(limit)
     )
+    found: list[tuple[int, str | None, int]] = []
+    for stmt in selects:
+        if store.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        found.extend((i, pool, priority) for i, pool, priority in conn.execute(stmt))
+    found.sort(key=lambda item: (-item[2], item[0]))
+    return [(i, pool) for i, pool, _ in found[:limit]]
 
 
 def claim(
@@ -234,24 +275,8 @@ def claim(
             # Take SQLite's write lock now, so the check and the claim below are one
             # serialized transaction (no other process can claim in between).
             conn.exec_driver_sql("UPDATE keel_queue SET id = id WHERE 0")
-        # Items of pools that are full now are left out of the scan, so a long queue
-        # of them (a big backfill) cannot hide the claimable items behind it.
         full = _full_pools(conn, now)
-        condition = _claimable(now, queues, kinds)
-        if full:
-            condition = sa.and_(
-                condition,
-                sa.or_(queue_items.c.pool.is_(None), queue_items.c.pool.notin_(sorted(full))),
-            )
-        stmt = (
-            sa.select(queue_items.c.id, queue_items.c.pool)
-            .where(condition)
-            .order_by(queue_items.c.priority.desc(), queue_items.c.id)
-            .limit(limit_scan)
-        )
-        if store.dialect == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
-        for item_id, pool in conn.execute(stmt).all():
+        for item_id, pool in _candidates(store, conn, now, queues, kinds, full, limit_scan):
             if pool is not None and (pool in full or not _pool_has_room(store, conn, pool, now)):
                 full.add(pool)
                 continue

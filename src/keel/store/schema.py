@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 
 metadata = MetaData()
 
@@ -318,10 +318,19 @@ queue_items = Table(
     Column("outcome", LargeBinary),
     Column("created_at", Float, nullable=False),
     Column("done_at", Float),
-    Index("ix_keel_queue_claim", "status", "queue", "priority", "not_before"),
     Index("ix_keel_queue_run", "run_id"),
+    Index("ix_keel_queue_lease", "status", "lease_until"),
     # Ids name claims; SQLite would otherwise reuse the id of a collected newest row.
     sqlite_autoincrement=True,
+)
+# A claim reads a queue's queued items in the order it takes them (most urgent first,
+# then oldest), so it stops after a few rows instead of sorting the whole backlog.
+Index(
+    "ix_keel_queue_pick",
+    queue_items.c.status,
+    queue_items.c.queue,
+    queue_items.c.priority.desc(),
+    queue_items.c.id,
 )
 
 workers = Table(
