@@ -516,6 +516,39 @@ def test_native_keel_runs_are_readable_through_mlflow(server: str) -> None:
     assert info.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
+def test_keel_registered_versions_load_with_mlflow_pyfunc(server: str) -> None:
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    _, features = _model()
+    frame = pd.DataFrame(features, columns=["a", "b", "c"])
+    model = LogisticRegression().fit(frame, (frame["a"] > 0.5).astype(int))
+    version = keel.register_model("keel-made", model, input_example=frame.head(3))
+    expected = list(model.predict(frame.head(5)))
+    loaded = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    assert list(loaded.predict(frame.head(5))) == expected
+    keel.models.set_alias("keel-made", "prod", version.version)
+    by_alias = mlflow.pyfunc.load_model("models:/keel-made@prod")
+    assert list(by_alias.predict(frame.head(5))) == expected
+    # keel's signature still guards the input, naming the column that is wrong
+    with pytest.raises(keel.errors.SignatureError, match="'c'"):
+        by_alias.predict(frame.head(5).drop(columns=["c"]))
+
+    client = MlflowClient()
+    uri = client.get_model_version_download_uri("keel-made", str(version.version))
+    assert uri == f"mlflow-artifacts:/keel-models/keel-made/{version.version}"
+    listed = api(server, "GET", "/api/2.0/mlflow-artifacts/artifacts", params={"path": uri[18:]})
+    names = {f["path"] for f in listed.json()["files"]}
+    assert names == {"MLmodel", "keel"}
+    # read-only, and missing versions are 404s
+    refused = api(server, "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{uri[18:]}/MLmodel")
+    assert refused.status_code == 400 and "read-only" in refused.text
+    missing = api(server, "GET", "/api/2.0/mlflow-artifacts/artifacts/keel-models/keel-made/99")
+    assert missing.status_code == 404
+    with pytest.raises(MlflowException):
+        mlflow.pyfunc.load_model("models:/keel-made/99")
+
+
 # -- errors, auth, the OpenAPI document --------------------------------------------------------
 
 

@@ -59,16 +59,28 @@ class ArtifactStore:
             self._fs.pipe_file(path, data)
         return self.uri(digest)
 
+    def size(self, digest: str) -> int:
+        """The size in bytes of a stored blob, without reading it."""
+        try:
+            if self._local is not None:
+                return (self._local / digest[:2] / digest).stat().st_size
+            return int(self._fs.size(f"{self._root.rstrip('/')}/{digest[:2]}/{digest}"))
+        except FileNotFoundError:
+            raise self._missing(digest) from None
+
     def get(self, digest: str) -> bytes:
         try:
             if self._local is not None:
                 return (self._local / digest[:2] / digest).read_bytes()
             return bytes(self._fs.cat_file(f"{self._root.rstrip('/')}/{digest[:2]}/{digest}"))
         except FileNotFoundError:
-            raise SerializationError(
-                f"artifact {digest} is missing from the artifact store {self.url}",
-                hint="The store was moved or pruned; point KEEL_ARTIFACTS at the right place",
-            ) from None
+            raise self._missing(digest) from None
+
+    def _missing(self, digest: str) -> SerializationError:
+        return SerializationError(
+            f"artifact {digest} is missing from the artifact store {self.url}",
+            hint="The store was moved or pruned; point KEEL_ARTIFACTS at the right place",
+        )
 
 
 _stores: dict[str, ArtifactStore] = {}

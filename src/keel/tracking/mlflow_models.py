@@ -1,16 +1,24 @@
-"""Loading a model version registered through the MLflow API (flavor "mlflow").
+"""Model versions across keel and MLflow, both ways.
 
-Such a version's files are an MLflow model directory (an `MLmodel` file and what
-its flavors saved) that the `mlflow` client uploaded to keel's artifact store: the
-files of a logged model, or a folder of a run's artifacts. They are written once
-into a local directory named after their digests and loaded with MLflow's own
-loader: the native scikit-learn object when the model has that flavor (as keel's
-own sklearn flavor returns), else MLflow's pyfunc model.
+keel loading MLflow's: a version registered through the MLflow API (flavor
+"mlflow") is an MLflow model directory (an `MLmodel` file and what its flavors
+saved) that the `mlflow` client uploaded to keel's artifact store: the files of a
+logged model, or a folder of a run's artifacts. They are written once into a local
+directory named after their digests and loaded with MLflow's own loader: the native
+scikit-learn object when the model has that flavor (as keel's own sklearn flavor
+returns), else MLflow's pyfunc model.
+
+MLflow loading keel's: the server presents a version keel registered as an MLflow
+model directory (`mlflow_model_files`): an `MLmodel` whose python_function flavor
+names this module as its loader, the saved model and a JSON of how keel loads it.
+`mlflow.pyfunc.load_model` then calls `_load_pyfunc` here, in the client's process
+(which needs keel installed); the server itself never loads a model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -24,7 +32,7 @@ from keel.errors import ModelRegistryError
 from keel.store.artifacts import artifact_store
 from keel.store.metadata import MetadataStore
 from keel.store.schema import logged_artifacts, logged_model_files
-from keel.tracking.flavors import need_module
+from keel.tracking.flavors import get_flavor, need_module
 
 # "runs:/RUN/path" or "mlflow-artifacts:/EXP/RUN/artifacts/path": the folder's path.
 _RUN_FOLDER = re.compile(r"^(?:runs:/[^/]+/|mlflow-artifacts:/[^/]+/[^/]+/artifacts/)(.+)$")
@@ -102,3 +110,55 @@ def _materialize(store: MetadataStore, files: dict[str, str]) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+# -- MLflow loading keel's versions ------------------------------------------------------
+
+DATA_FOLDER = "keel"  # the python_function flavor's `data`: the model and keel_model.json
+_INFO_FILE = "keel_model.json"
+
+
+def mlflow_model_files(row: Any) -> dict[str, bytes | str]:
+    """The files of an MLflow model directory for a version keel registered, by path:
+    generated text as bytes, the saved model as its artifact hash."""
+    meta = json.loads(row.meta) if row.meta else {}
+    model_file = str(meta.get("file") or "model.bin")
+    info = {
+        "flavor": row.flavor,
+        "meta": meta,
+        "file": model_file,
+        "signature": json.loads(row.signature) if row.signature else None,
+        "uri": f"models:/{row.name}/{row.version}",
+    }
+    python = str(meta.get("python_version") or "")
+    mlmodel = {
+        "flavors": {
+            "python_function": {
+                "loader_module": __name__,
+                "data": DATA_FOLDER,
+                **({"python_version": python} if python else {}),
+            }
+        },
+        "metadata": {"keel_model": info["uri"], "keel_flavor": row.flavor},
+    }
+    return {
+        # MLflow reads MLmodel as YAML, of which JSON is a subset.
+        "MLmodel": json.dumps(mlmodel, indent=2, sort_keys=True).encode(),
+        f"{DATA_FOLDER}/{_INFO_FILE}": json.dumps(info, indent=2, sort_keys=True).encode(),
+        f"{DATA_FOLDER}/{model_file}": str(row.source_hash),
+    }
+
+
+def _load_pyfunc(path: str) -> Any:
+    """MLflow's entry point (`loader_module`): the keel model in `path` (the `data`
+    folder of a directory from mlflow_model_files), with keel's signature check."""
+    from keel.tracking.models import LoadedModel
+    from keel.tracking.signature import Signature
+
+    folder = Path(path)
+    info = json.loads((folder / _INFO_FILE).read_text())
+    raw = get_flavor(info["flavor"]).load((folder / info["file"]).read_bytes(), info["meta"])
+    signature = Signature.from_dict(info["signature"]) if info.get("signature") else None
+    return LoadedModel(
+        raw, flavor=info["flavor"], signature=signature, uri=info["uri"], meta=info["meta"]
+    )

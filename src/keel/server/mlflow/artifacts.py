@@ -5,6 +5,8 @@ Paths are `{experiment}/{run_id}/artifacts/{file}` for a run's artifacts and
 bytes go to keel's artifact store under their sha256 (so no path from a request
 ever names a file on disk), and the path -> hash rows to keel_logged_artifacts (runs,
 so keel shows them like keel.log_artifact's) or keel_logged_model_files (models).
+`keel-models/{name}/{version}/{file}` presents a version keel registered as an MLflow
+model directory (read-only; see keel.tracking.mlflow_models).
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ from keel.server.mlflow.common import (
 )
 from keel.server.mlflow.data import writable
 from keel.server.mlflow.mapping import Tracked, find
+from keel.store import registry_store as rs
 from keel.store.artifacts import artifact_store
 from keel.store.metadata import Batch, MetadataStore
 from keel.store.schema import logged_artifacts, logged_model_files, logged_models
+from keel.tracking.mlflow_models import mlflow_model_files
 
 router = APIRouter(route_class=MlflowRoute)
 info_router = APIRouter(route_class=MlflowRoute)
 _MAX_PATH = 1000
+KEEL_MODELS = "keel-models"  # the root under which keel's own versions are presented
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,7 @@ class Target:
     run: Tracked | None
     model_id: str | None
     rel: str
+    version: Any = None  # the registry row of a version keel registered
 
 
 def clean(parts: list[str]) -> str:
@@ -63,6 +69,8 @@ def clean(parts: list[str]) -> str:
 
 def target(store: MetadataStore, path: str) -> Target:
     parts = path.strip("/").split("/")
+    if len(parts) >= 3 and parts[0] == KEEL_MODELS:
+        return Target(None, None, clean(parts[3:]), keel_version(store, parts[1], parts[2]))
     if len(parts) >= 4 and parts[1] == "models" and parts[3] == "artifacts":
         model_id = parts[2]
         with store.engine.connect() as conn:
@@ -80,8 +88,35 @@ def target(store: MetadataStore, path: str) -> Target:
     )
 
 
+def keel_version(store: MetadataStore, name: str, number: str) -> Any:
+    row = rs.get_version(store, name, int(number)) if number.isdigit() else None
+    if row is None:
+        raise not_found(f"Model version (name={name}, version={number}) not found")
+    if row.flavor == "mlflow":
+        raise not_found(
+            f"version {number} of {name!r} was registered through MLflow: its files are at "
+            "the URI model-versions/get-download-uri answers"
+        )
+    return row
+
+
+def _version_files(store: MetadataStore, row: Any) -> dict[str, tuple[str, int]]:
+    artifacts = artifact_store(store.config.artifacts_url)
+    out = {}
+    for path, content in mlflow_model_files(row).items():
+        if isinstance(content, bytes):
+            digest = hashlib.sha256(content).hexdigest()
+            artifacts.put(digest, content)
+            out[path] = (digest, len(content))
+        else:
+            out[path] = (content, artifacts.size(content))
+    return out
+
+
 def _files(store: MetadataStore, where: Target) -> dict[str, tuple[str, int]]:
     """path -> (hash, size) of every file of the run or model."""
+    if where.version is not None:
+        return _version_files(store, where.version)
     if where.run is not None:
         t = where.run
         stmt = sa.select(logged_artifacts.c.path, logged_artifacts.c.hash, logged_artifacts.c.size)
@@ -136,8 +171,17 @@ def download(path: str, store: Store, _: Viewer) -> Response:
     return _download(store, path)
 
 
+def _read_only(where: Target) -> None:
+    if where.version is not None:
+        raise invalid(
+            f"the files of {where.version.name!r} version {where.version.version} are "
+            "read-only: register a new version to change the model"
+        )
+
+
 def _upload(store: MetadataStore, path: str, data: bytes) -> Response:
     where = target(store, path)
+    _read_only(where)
     if not where.rel:
         raise invalid("an upload needs a file path after .../artifacts/")
     digest = hashlib.sha256(data).hexdigest()
@@ -171,6 +215,7 @@ async def upload(path: str, request: Request, store: Store, _: Operator) -> Resp
 
 def _delete(store: MetadataStore, path: str) -> Response:
     where = target(store, path)
+    _read_only(where)
     prefix = where.rel + "/"
     gone = [
         p for p in _files(store, where) if not where.rel or p == where.rel or p.startswith(prefix)

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Response
 
 from keel.server.mlflow import filtering
+from keel.server.mlflow.artifacts import KEEL_MODELS
 from keel.server.mlflow.common import (
     Admin,
     Args,
@@ -415,12 +416,8 @@ def search_versions(args: Args, store: Store, _: Viewer) -> Response:
 def download_uri(args: Args, store: Store, _: Viewer) -> Response:
     row = _version_row(store, args)
     meta = json.loads(row.meta) if row.meta else {}
-    if row.flavor != "mlflow":
-        raise not_found(
-            f"version {row.version} of {row.name!r} was registered by keel (flavor "
-            f"{row.flavor}) and has no MLflow model files; load it with "
-            f"keel.load_model('models:/{row.name}/{row.version}')"
-        )
+    if row.flavor != "mlflow":  # presented as an MLflow model directory (pyfunc)
+        return reply({"artifact_uri": f"mlflow-artifacts:/{KEEL_MODELS}/{row.name}/{row.version}"})
     if meta.get("mlflow_model_id"):
         model = get_model_row(store, meta["mlflow_model_id"])
         return reply(
