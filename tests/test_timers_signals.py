@@ -126,6 +126,18 @@ def test_long_sleep_parks_the_run_and_the_foreground_continues_it(
     assert run_queue_row(run_id).status == "done"
 
 
+def test_a_retry_that_parks_is_followed_to_its_end_like_a_run(backend: str, tmp_path: Path) -> None:
+    out, flag = tmp_path / "effects.txt", tmp_path / "flag"
+    first = keel.run(flows.fails_then_sleeps, out=str(out), flag=str(flag), seconds=LONG)
+    assert first.status == "FAILED"
+    flag.touch()
+    again = keel.retry(first.id)  # its sleep parks the new run; the caller waits it out
+    assert again.status == "SUCCEEDED"
+    assert again.result() == "woke"
+    assert read_lines(out) == ["before", "after"]  # "before" reused from the first run
+    assert run_queue_row(again.id).status == "done"
+
+
 @pytest.mark.parametrize("picker", ["worker-thread", "worker-process", "keel-resume"])
 def test_a_timer_outlives_the_process_that_set_it(
     backend: str, tmp_path: Path, picker: str

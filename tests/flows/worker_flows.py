@@ -50,6 +50,23 @@ def sleepy(out: str, seconds: float = 0.2) -> str:
     return "woke"
 
 
+@keel.task(name="needs_file")
+def needs_file(path: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is not there yet")
+    return "found"
+
+
+@keel.workflow(name="fails_then_sleeps")
+def fails_then_sleeps(out: str, flag: str, seconds: float) -> str:
+    """A step that fails until the file `flag` exists, then a durable sleep, a step."""
+    mark(out, "before")
+    needs_file(flag)
+    keel.sleep(seconds)
+    mark(out, "after")
+    return "woke"
+
+
 @keel.workflow(name="approval")
 def approval(out: str, timeout: float | None = None) -> Any:
     """A step, then a wait for the signal `approve` (its payload is the result)."""

@@ -331,16 +331,25 @@ class PreparedRetry:
     """A retry recorded in the store and not started yet: its run id is known before
     it runs (the server answers with it, then runs it on a thread)."""
 
-    def __init__(self, state: RunState, params: dict[str, Any], session: Session) -> None:
+    def __init__(
+        self,
+        state: RunState,
+        params: dict[str, Any],
+        session: Session,
+        workflow: Workflow[Any, Any],
+    ) -> None:
         self.id: str = state.run_id
         self._state = state
         self._params = params
         self._session = session
+        self._workflow = workflow
 
     def execute(self) -> RunHandle:
-        """Run the retry to its end (or until it parks) on this thread."""
+        """Run the retry to its end on this thread; a wait that parks it (a long sleep,
+        a signal) is waited out here, as `keel.run` does."""
         try:
-            execute(self._state, self._params)
+            if execute(self._state, self._params).status is RunStatus.PENDING:
+                _follow(self._session, self.id, self._workflow)
         finally:
             self._session.close()
         return RunHandle(self.id, self._session.store)
@@ -371,7 +380,7 @@ def prepare_retry(
     )
     record_new_run(session, new_row, params)
     state = fresh_state(session, new_id, wf, recorded, strict_replay=False, reused_from=rid)
-    return PreparedRetry(state, params, session)
+    return PreparedRetry(state, params, session, wf)
 
 
 def retry(
