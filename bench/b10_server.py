@@ -10,10 +10,14 @@ type (SQLite) started in the same run.
 - Ingestion: `POST /api/2.0/mlflow/runs/log-batch` with 1,000 metric points per request
   (MLflow's limit), the same requests to both servers; every point is checked in the
   store afterwards.
+- Single metric: `MlflowClient().log_metric` (the real client, one kept-alive
+  connection), one point per call, p50/p99. A server that writes a reply in pieces
+  without TCP_NODELAY stalls each call on the client's delayed ACK (~40 ms).
 
 Targets: ready <= 3 s; runs-list p50 <= 50 ms at 100,000 runs; ingestion >= 50,000
-metrics/s. `mlflow server` needs the full `mlflow` package (`pip install -e '.[bench]'`,
-which `make bench` does); without it the MLflow columns are left empty.
+metrics/s; single-metric p50 <= 20 ms (no delayed-ACK stall). `mlflow server` needs
+the full `mlflow` package (`pip install -e '.[bench]'`, which `make bench` does);
+without it the MLflow columns are left empty.
 
     python bench/b10_server.py [--runs 100000] [--requests 200] [--batches 50] [--no-mlflow]
 """
@@ -35,6 +39,7 @@ from _common import Result, expect, fresh_home, parser, report
 TARGET_READY_S = 3.0
 TARGET_LIST_P50_MS = 50.0
 TARGET_INGEST = 50_000.0
+TARGET_SINGLE_P50_MS = 20.0  # a delayed-ACK stall alone is ~40 ms
 PAGE = 50
 BATCH = 1000
 
@@ -127,6 +132,20 @@ def ingest(client: Any, batches: int) -> tuple[float, str]:
         if reply.status_code != 200:
             raise SystemExit(f"log-batch answered {reply.status_code}: {reply.text[:300]}")
     return time.perf_counter() - start, run_id
+
+
+def single_metric(url: str, requests: int) -> list[float]:
+    """Milliseconds of each `MlflowClient.log_metric` call against the server at `url`
+    (one point each, to a new run); every point is counted afterwards."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    experiment = client.create_experiment(f"b10-single-{time.time_ns()}")
+    run_id = client.create_run(experiment).info.run_id
+    step = iter(range(10**9))
+    times = latencies(lambda: client.log_metric(run_id, "one", 1.0, step=next(step)), requests)
+    expect(len(client.get_metric_history(run_id, "one")), requests + 5, "single points")
+    return times
 
 
 def fill_keel(n: int) -> None:
@@ -224,12 +243,14 @@ def main(argv: list[str]) -> int:
 
             keel_lat = latencies(keel_page, args.requests)
             keel_ingest_s, keel_run = ingest(client, args.batches)
+        keel_single = single_metric(keel_url, args.requests)
     finally:
         keel_server.stop()
     expect(count_metrics_keel(keel_run), args.batches * BATCH, "metric points in keel")
 
     mlflow_server: Server | None = None
     ml_lat: list[float] = []
+    ml_single: list[float] = []
     ml_ingest_s: float | None = None
     mlflow = Path(sys.executable).parent / "mlflow"
     if not args.no_mlflow and mlflow.exists():
@@ -266,6 +287,7 @@ def main(argv: list[str]) -> int:
 
                 ml_lat = latencies(mlflow_page, args.requests)
                 ml_ingest_s, ml_run = ingest(client, args.batches)
+            ml_single = single_metric(mlflow_url, args.requests)
         finally:
             mlflow_server.stop()
         expect(count_metrics_mlflow(mlflow_db, ml_run), args.batches * BATCH, "points in MLflow")
@@ -277,6 +299,9 @@ def main(argv: list[str]) -> int:
     ml_p50 = statistics.median(ml_lat) if ml_lat else None
     ml_p99 = percentile(ml_lat, 0.99) if ml_lat else None
     ml_ready = mlflow_server.ready_s if mlflow_server is not None else None
+    one_p50, one_p99 = statistics.median(keel_single), percentile(keel_single, 0.99)
+    ml_one_p50 = statistics.median(ml_single) if ml_single else None
+    ml_one_p99 = percentile(ml_single, 0.99) if ml_single else None
     lines = [
         ("keel server ready", f"{keel_server.ready_s:.2f} s"),
         ("mlflow server ready", f"{ml_ready:.2f} s" if ml_ready else "not run"),
@@ -289,6 +314,11 @@ def main(argv: list[str]) -> int:
             f"ingestion, {args.batches} x {BATCH:,}",
             f"keel {keel_rate:,.0f} metrics/s"
             + (f" | mlflow {ml_rate:,.0f} metrics/s" if ml_rate else ""),
+        ),
+        (
+            "single log_metric (MlflowClient)",
+            f"keel p50 {one_p50:.1f} ms p99 {one_p99:.1f} ms"
+            + (f" | mlflow p50 {ml_one_p50:.1f} ms p99 {ml_one_p99:.1f} ms" if ml_one_p50 else ""),
         ),
     ]
     results = [
@@ -305,9 +335,15 @@ def main(argv: list[str]) -> int:
             "B10", "ingestion metrics/s", keel_rate, ml_rate, f">= {TARGET_INGEST:,.0f} metrics/s",
             keel_rate >= TARGET_INGEST, "", "mlflow server",
         ),
+        Result(
+            "B10", "single log_metric p50 ms", one_p50, ml_one_p50,
+            f"<= {TARGET_SINGLE_P50_MS:g} ms", one_p50 <= TARGET_SINGLE_P50_MS, "ms",
+            "mlflow server", extra={"keel_p99_ms": one_p99, "mlflow_p99_ms": ml_one_p99},
+        ),
     ]  # fmt: skip
     report(
-        f"B10 server: start-up, runs list at {args.runs:,} runs, ingestion through REST",
+        f"B10 server: start-up, runs list at {args.runs:,} runs, ingestion through REST, "
+        "single metrics",
         lines,
         results,
         args.json,
