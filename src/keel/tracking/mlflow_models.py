@@ -4,7 +4,7 @@ keel loading MLflow's: a version registered through the MLflow API (flavor
 "mlflow") is an MLflow model directory (an `MLmodel` file and what its flavors
 saved) that the `mlflow` client uploaded to keel's artifact store: the files of a
 logged model, or a folder of a run's artifacts. They are written once into a local
-directory named after their digests and loaded with MLflow's own loader: the native
+directory private to the process and loaded with MLflow's own loader: the native
 scikit-learn object when the model has that flavor (as keel's own sklearn flavor
 returns), else MLflow's pyfunc model.
 
@@ -17,12 +17,13 @@ names this module as its loader, the saved model and a JSON of how keel loads it
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -87,29 +88,32 @@ def _model_files(
     return {path[len(folder) + 1 :]: digest for path, digest in rows}
 
 
+_folders: dict[str, Path] = {}
+_folders_lock = threading.Lock()
+
+
 def _materialize(store: MetadataStore, files: dict[str, str]) -> Path:
-    """A local directory holding `files`, written once per distinct set of contents."""
-    key = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:32]
-    folder = Path(tempfile.gettempdir()) / "keel-mlflow-models" / key
-    if folder.is_dir():
-        return folder
-    artifacts = artifact_store(store.config.artifacts_url)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
-    try:
+    """A local directory holding `files`, written once per distinct set of contents in
+    this process. It is private to the process (mkdtemp: mode 0700, a fresh name), so
+    nobody else can put files there for it to load, and it is removed at exit; it
+    lives until then because a pyfunc model may read its files when it predicts."""
+    key = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
+    with _folders_lock:
+        folder = _folders.get(key)
+        if folder is not None:
+            return folder
+        folder = Path(tempfile.mkdtemp(prefix="keel-mlflow-model-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        artifacts = artifact_store(store.config.artifacts_url)
+        root = folder.resolve()
         for rel, digest in files.items():
-            target = (partial / rel).resolve()
-            if not target.is_relative_to(partial.resolve()):
+            target = (folder / rel).resolve()
+            if not target.is_relative_to(root):
                 raise ModelRegistryError(f"an MLflow model file has an unsafe path: {rel!r}")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(artifacts.get(digest))
-        os.rename(partial, folder)  # atomic: a reader sees all the files or none
-    except OSError:
-        if not folder.is_dir():  # another process did not win the same rename
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return folder
+        _folders[key] = folder
+        return folder
 
 
 # -- MLflow loading keel's versions ------------------------------------------------------
