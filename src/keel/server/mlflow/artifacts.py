@@ -92,9 +92,9 @@ def keel_version(store: MetadataStore, name: str, number: str) -> Any:
     row = rs.get_version(store, name, int(number)) if number.isdigit() else None
     if row is None:
         raise not_found(f"Model version (name={name}, version={number}) not found")
-    if row.flavor == "mlflow":
+    if row.flavor == "mlflow" or not row.source_hash:
         raise not_found(
-            f"version {number} of {name!r} was registered through MLflow: its files are at "
+            f"version {number} of {name!r} has no keel model files here: its files are at "
             "the URI model-versions/get-download-uri answers"
         )
     return row
