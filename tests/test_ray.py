@@ -295,7 +295,13 @@ def test_node_killed_mid_run(on_ray: SimpleNamespace, tmp_path: Path) -> None:
 
     def run() -> None:
         try:
-            box["handle"] = keel.run(flows.node_dies, out=str(out), n_slow=3, seconds=120.0)
+            box["handle"] = keel.run(
+                flows.node_dies,
+                out=str(out),
+                n_slow=3,
+                seconds=120.0,
+                release_node=on_ray.stable.node_id,
+            )
         except BaseException as exc:
             box["error"] = exc
 
@@ -308,7 +314,9 @@ def test_node_killed_mid_run(on_ray: SimpleNamespace, tmp_path: Path) -> None:
         assert runner.is_alive() and time.monotonic() < deadline, _lines(out)
         time.sleep(0.02)
     c.remove_node(victim, allow_graceful=False)  # its raylet and workers are killed
-    Path(f"{out}.release").touch()  # the slow steps end (those retried on `stable` too)
+    # Only the steps on `stable` end on the release (those retried there too): a victim
+    # worker still dying cannot see it and finish.
+    Path(f"{out}.release").touch()
     runner.join(timeout=180)
     assert not runner.is_alive()
     assert "error" not in box, box.get("error")

@@ -262,13 +262,16 @@ def chunk(i: int, out: str) -> dict[str, Any]:
 
 
 @keel.task(name="ray_slow", resources={"pool": 1}, retries=2, retry_delay=0.2)
-def slow(i: int, out: str, seconds: float) -> dict[str, Any]:
-    """Runs for `seconds` or until the file `out`.release exists (the test removed the
-    node it wanted to see die under a running step)."""
+def slow(i: int, out: str, seconds: float, release_node: str = "") -> dict[str, Any]:
+    """Runs for `seconds`; on the node `release_node`, only until the file `out`.release
+    exists (the test's other node dies under the steps it runs, which must not end)."""
     ctx = keel.context()
-    append_line(out, f"{ctx.step_key} {ctx.attempt} {node_id()}")
+    node = node_id()
+    append_line(out, f"{ctx.step_key} {ctx.attempt} {node}")
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not os.path.exists(f"{out}.release"):
+    while time.monotonic() < deadline and not (
+        node == release_node and os.path.exists(f"{out}.release")
+    ):
         time.sleep(0.05)
     return {"i": i, "node": node_id(), "attempt": ctx.attempt}
 
@@ -284,10 +287,10 @@ def total(chunks: list[dict[str, Any]], slows: list[dict[str, Any]], out: str) -
 
 
 @keel.workflow(name="ray_node_dies")
-def node_dies(out: str, n_slow: int, seconds: float) -> dict[str, Any]:
+def node_dies(out: str, n_slow: int, seconds: float, release_node: str = "") -> dict[str, Any]:
     chunks = chunk.map(range(2), out=out)
     keel.wait(chunks)  # the chunks live on the victim node from now on
-    slows = slow.map(range(n_slow), out=out, seconds=seconds)
+    slows = slow.map(range(n_slow), out=out, seconds=seconds, release_node=release_node)
     result = total(chunks, slows, out=out)
     return {
         **result,
