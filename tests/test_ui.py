@@ -69,7 +69,7 @@ def _free_port() -> int:
 
 
 def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as reply:
+    with urllib.request.urlopen(url, timeout=60) as reply:
         return json.loads(reply.read())
 
 
@@ -87,7 +87,7 @@ class Site:
     def status(self, path: str) -> int:
         """The HTTP status of a GET of an API path (without a token)."""
         try:
-            with urllib.request.urlopen(f"{self.url}/api/v1{path}", timeout=10) as reply:
+            with urllib.request.urlopen(f"{self.url}/api/v1{path}", timeout=60) as reply:
                 return int(reply.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
@@ -433,7 +433,7 @@ def test_cancel_resume_and_retry_buttons(page: Page) -> None:
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=10) as reply:
+    with urllib.request.urlopen(request, timeout=60) as reply:
         run_id = json.loads(reply.read())["run"]["id"]
 
     def button(label: str) -> WebElement:

@@ -10,7 +10,7 @@ import time
 
 import keel
 
-IMPORT_SECONDS = 2.0
+IMPORT_SECONDS = 4.0
 time.sleep(IMPORT_SECONDS)
 
 
@@ -21,7 +21,7 @@ def quick_body() -> str:
 
 # Decorated by a call, so that the module keeps the plain function under its own
 # name: cloudpickle then sends it by reference and the worker imports this module.
-quick = keel.task(name="slow_import_quick", timeout=1.0, executor="processes")(quick_body)
+quick = keel.task(name="slow_import_quick", timeout=2.0, executor="processes")(quick_body)
 
 
 @keel.workflow(name="slow_import_wf")
