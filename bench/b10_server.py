@@ -148,6 +148,32 @@ def single_metric(url: str, requests: int) -> list[float]:
     return times
 
 
+def measure(
+    url: str, page: Callable[[Any], None], requests: int, batches: int
+) -> tuple[list[float], float, str, list[float]]:
+    """One server's figures: runs-list latencies (`page` asks for the first page over
+    the kept-alive client), log-batch seconds and the run they went to, single-metric
+    latencies."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        listed = latencies(lambda: page(client), requests)
+        ingest_s, run_id = ingest(client, batches)
+    return listed, ingest_s, run_id, single_metric(url, requests)
+
+
+def keel_page(client: Any) -> None:
+    page = client.get("/api/v1/runs", params={"limit": PAGE}).json()
+    expect(len(page["runs"]), PAGE, "runs on keel's first page")
+
+
+def mlflow_page(client: Any) -> None:
+    found = client.post(
+        "/api/2.0/mlflow/runs/search", json={"experiment_ids": ["0"], "max_results": PAGE}
+    ).json()
+    expect(len(found["runs"]), PAGE, "runs on MLflow's first page")
+
+
 def fill_keel(n: int) -> None:
     from keel.store.metadata import open_store
 
@@ -220,8 +246,6 @@ def main(argv: list[str]) -> int:
         raise SystemExit("b10 compares both servers on SQLite; --db-url is not supported here")
     home = fresh_home(None, args.keep)
 
-    import httpx
-
     env = dict(os.environ)
     # The store exists (and holds its runs) before the clock starts, as on any machine
     # that has used keel for a while. Each server is measured alone: on a small machine
@@ -235,15 +259,9 @@ def main(argv: list[str]) -> int:
         env,
     )
     try:
-        with httpx.Client(base_url=keel_url, timeout=60) as client:
-
-            def keel_page() -> None:
-                page = client.get("/api/v1/runs", params={"limit": PAGE}).json()
-                expect(len(page["runs"]), PAGE, "runs on keel's first page")
-
-            keel_lat = latencies(keel_page, args.requests)
-            keel_ingest_s, keel_run = ingest(client, args.batches)
-        keel_single = single_metric(keel_url, args.requests)
+        keel_lat, keel_ingest_s, keel_run, keel_single = measure(
+            keel_url, keel_page, args.requests, args.batches
+        )
     finally:
         keel_server.stop()
     expect(count_metrics_keel(keel_run), args.batches * BATCH, "metric points in keel")
@@ -276,18 +294,9 @@ def main(argv: list[str]) -> int:
         try:
             fill_mlflow(mlflow_db, args.runs)  # its schema exists once it answers
             time.sleep(5)  # let its other worker processes finish starting
-            with httpx.Client(base_url=mlflow_url, timeout=60) as client:
-
-                def mlflow_page() -> None:
-                    found = client.post(
-                        "/api/2.0/mlflow/runs/search",
-                        json={"experiment_ids": ["0"], "max_results": PAGE},
-                    ).json()
-                    expect(len(found["runs"]), PAGE, "runs on MLflow's first page")
-
-                ml_lat = latencies(mlflow_page, args.requests)
-                ml_ingest_s, ml_run = ingest(client, args.batches)
-            ml_single = single_metric(mlflow_url, args.requests)
+            ml_lat, ml_ingest_s, ml_run, ml_single = measure(
+                mlflow_url, mlflow_page, args.requests, args.batches
+            )
         finally:
             mlflow_server.stop()
         expect(count_metrics_mlflow(mlflow_db, ml_run), args.batches * BATCH, "points in MLflow")

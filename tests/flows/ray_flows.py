@@ -214,14 +214,19 @@ def timeouts(which: str, seconds: float) -> str:
     return (sleepy if which == "sleepy" else stubborn)(seconds)
 
 
+def hold(seconds: float, until: str | None = None) -> None:
+    """Waits `seconds`, or less once the file `until` exists (when one is named)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and os.path.exists(until)):
+        time.sleep(0.02)
+
+
 @keel.task(name="ray_hog", resources={"stable": 2})
 def hog(i: int, out: str, seconds: float) -> int:
     """Takes the whole `stable` node, so the others wait in Ray's queue; runs for
     `seconds` or until the file `out`.release exists."""
     append_line(out, f"{keel.context().step_key} {keel.context().attempt}")
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not os.path.exists(f"{out}.release"):
-        time.sleep(0.05)
+    hold(seconds, until=f"{out}.release")
     return i
 
 
@@ -238,9 +243,8 @@ def crash_step(i: int, out: str, delay: float, gate: str = "", gate_from: int = 
     """Given a `gate` file, steps from `gate_from` on wait (bounded) until it exists."""
     append_line(out, keel.context().step_key or "")
     time.sleep(delay)
-    deadline = time.monotonic() + 120
-    while gate and i >= gate_from and not os.path.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    if gate and i >= gate_from:
+        hold(120, until=gate)
     return i * i
 
 
@@ -268,11 +272,7 @@ def slow(i: int, out: str, seconds: float, release_node: str = "") -> dict[str, 
     ctx = keel.context()
     node = node_id()
     append_line(out, f"{ctx.step_key} {ctx.attempt} {node}")
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not (
-        node == release_node and os.path.exists(f"{out}.release")
-    ):
-        time.sleep(0.05)
+    hold(seconds, until=f"{out}.release" if node == release_node else None)
     return {"i": i, "node": node_id(), "attempt": ctx.attempt}
 
 
