@@ -131,11 +131,12 @@ class ArtifactStore:
 
     def _write_failed(self, exc: OSError) -> ArtifactWriteError:
         why = exc.strerror or str(exc) or type(exc).__name__
+        # The fix is in the message itself: a step's recorded error keeps only the message.
         return ArtifactWriteError(
-            f"cannot write to the artifact store {self.url}: {why}",
+            f"cannot write to the artifact store {self.url}: {why}; free space (or fix the "
+            "store), then continue the run with `keel resume RUN_ID`",
             hint="This is the environment, not your code (a full disk, a read-only or "
-            "unreachable store): fix it, then continue the run with `keel resume RUN_ID`; "
-            "what was recorded is kept",
+            "unreachable store); what the run recorded is kept",
         )
 
     # -- reading ---------------------------------------------------------------------------
