@@ -323,7 +323,6 @@ def test_large_downloads_are_streamed(backend: str, tmp_path: Path) -> None:
         proc.wait(timeout=30)
     assert found == {u: (size, digest) for u in urls}
     # 768 MiB went out at once; the server's peak resident memory grew by far less
-    print(f"server peak RSS grew by {(peak - before) / MIB:.1f} MiB")
     assert peak - before < 64 * MIB, f"server peak RSS grew by {(peak - before) / MIB:.0f} MiB"
 
 
