@@ -196,3 +196,14 @@ class SignatureError(KeelError):
 class ScheduleError(DefinitionError):
     """A schedule, backfill or trigger is defined wrongly (a bad cron expression, an
     unknown time zone, an end before its start) or names one that does not exist."""
+
+
+class ArtifactWriteError(KeelError):
+    """The artifact store could not take a write (a full disk, a read-only or unreachable
+    store): an environment fault, fixed outside the code, after which `keel resume`
+    continues the run."""
+
+
+class ArtifactIntegrityError(KeelError):
+    """A stored file no longer holds the bytes it was recorded with: it was changed
+    after it was written. keel refuses to register or load it."""

@@ -41,6 +41,8 @@ _STATUS_BY_ERROR: list[tuple[type[keel_errors.KeelError], int, str]] = [
     (keel_errors.DefinitionError, 400, "bad_request"),
     (keel_errors.RunStateError, 409, "conflict"),
     (keel_errors.StoreUnavailableError, 503, "store_unavailable"),
+    (keel_errors.ArtifactIntegrityError, 409, "artifact_changed"),
+    (keel_errors.ArtifactWriteError, 503, "artifact_store_unavailable"),
 ]
 
 

@@ -22,7 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from keel.errors import ModelNotFoundError, ModelRegistryError, RunNotFoundError, StepNotFoundError
+from keel.errors import (
+    ArtifactIntegrityError,
+    ModelNotFoundError,
+    ModelRegistryError,
+    RunNotFoundError,
+    StepNotFoundError,
+)
 from keel.store.artifacts import artifact_store
 from keel.tracking.flavors import flavor_for, get_flavor, library_versions
 from keel.tracking.signature import (
@@ -217,6 +223,13 @@ def logged_model(
     for item in load_logged_artifacts(store, run_id, seq):
         if item.path == target:
             raw = artifact_store(store.config.artifacts_url).get(item.hash)
+            if hashlib.sha256(raw).hexdigest() != item.hash:
+                raise ArtifactIntegrityError(
+                    f"{uri}: the model's description {item.hash} was changed on disk "
+                    "after it was logged, so keel will not use it",
+                    run_id=run_id,
+                    hint="Restore the artifact store from a backup, or log the model again",
+                )
             info = json.loads(raw)
             sig = info.get("signature")
             return ModelSource(
@@ -382,9 +395,10 @@ def load_source(store: MetadataStore, source: ModelSource, uri: str) -> LoadedMo
     elif source.live is not None and source.flavor != "onnx":
         raw = source.live
     else:
+        from keel.tracking.pins import model_bytes
+
         flavor = get_flavor(source.flavor)
-        data = artifact_store(store.config.artifacts_url).get(source.source_hash)
-        raw = flavor.load(data, source.meta)
+        raw = flavor.load(model_bytes(store, source), source.meta)
     return LoadedModel(
         raw, flavor=source.flavor, signature=source.signature, uri=uri, meta=source.meta
     )

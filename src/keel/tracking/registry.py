@@ -6,6 +6,9 @@ run and step that produced it. Aliases (`champion`, `staging`) name versions and
 move; every change is recorded in an audit log with who (`KEEL_USER`, else the
 login name) and when: `keel.models.history(name)`.
 
+A version is immutable: registering copies its files into the artifact store's pinned
+area, by content hash, and loading reads only those copies (see keel.tracking.pins).
+
 `keel.models` is this module: `keel.models.set_alias("digits", "champion", 3)`.
 """
 
@@ -33,6 +36,7 @@ from keel.tracking.models import (
     source_from_runs_uri,
     source_from_step,
 )
+from keel.tracking.pins import pin_source
 from keel.tracking.signature import Signature
 
 if TYPE_CHECKING:
@@ -243,6 +247,9 @@ def register_model(
     source_arg = model_or_uri_or_step
     store = source_arg._store if isinstance(source_arg, Step) else registry_store()
     source = _source(store, name, source_arg, flavor, signature, input_example)
+    # A version never changes: its files are copied and loaded by content hash, so a
+    # run's files changed after this call change nothing it loads.
+    source = pin_source(store, source)
     values = {
         "name": name,
         "flavor": source.flavor,

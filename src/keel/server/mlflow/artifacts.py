@@ -5,8 +5,10 @@ Paths are `{experiment}/{run_id}/artifacts/{file}` for a run's artifacts and
 bytes go to keel's artifact store under their sha256 (so no path from a request
 ever names a file on disk), and the path -> hash rows to keel_logged_artifacts (runs,
 so keel shows them like keel.log_artifact's) or keel_logged_model_files (models).
-`keel-models/{name}/{version}/{file}` presents a version keel registered as an MLflow
-model directory (read-only; see keel.tracking.mlflow_models).
+`keel-models/{name}/{version}/{file}` presents a registered version's pinned files as
+an MLflow model directory (read-only; see keel.tracking.mlflow_models and
+keel.tracking.pins). Downloads are streamed. A finished run's files, and a READY
+logged model's, can be changed only by an admin (409 for others).
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import mimetypes
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from keel.server.auth import Principal
+from keel.server.downloads import blob_response
 from keel.server.mlflow.common import (
     Args,
+    MlflowError,
     MlflowRoute,
     Operator,
     Store,
@@ -35,6 +40,7 @@ from keel.server.mlflow.common import (
 )
 from keel.server.mlflow.data import writable
 from keel.server.mlflow.mapping import Tracked, find
+from keel.status import FINISHED_RUN
 from keel.store import registry_store as rs
 from keel.store.artifacts import artifact_store
 from keel.store.metadata import Batch, MetadataStore
@@ -92,29 +98,39 @@ def keel_version(store: MetadataStore, name: str, number: str) -> Any:
     row = rs.get_version(store, name, int(number)) if number.isdigit() else None
     if row is None:
         raise not_found(f"Model version (name={name}, version={number}) not found")
-    if row.flavor == "mlflow" or not row.source_hash:
+    if mlflow_model_files(row) is None or not (row.source_hash or row.flavor == "mlflow"):
         raise not_found(
-            f"version {number} of {name!r} has no keel model files here: its files are at "
+            f"version {number} of {name!r} has no pinned model files here: its files are at "
             "the URI model-versions/get-download-uri answers"
         )
     return row
 
 
-def _version_files(store: MetadataStore, row: Any) -> dict[str, tuple[str, int]]:
+class Entry(NamedTuple):
+    """A file of a run, a logged model or a version: its blob, size, and whether it is
+    a pinned copy (a registered version's)."""
+
+    digest: str
+    size: int
+    pinned: bool = False
+
+
+def _version_files(store: MetadataStore, row: Any) -> dict[str, Entry]:
     artifacts = artifact_store(store.config.artifacts_url)
     out = {}
-    for path, content in mlflow_model_files(row).items():
+    for path, content in (mlflow_model_files(row) or {}).items():
         if isinstance(content, bytes):
             digest = hashlib.sha256(content).hexdigest()
             artifacts.put(digest, content)
-            out[path] = (digest, len(content))
+            out[path] = Entry(digest, len(content))
         else:
-            out[path] = (content, artifacts.size(content))
+            size = artifacts.size(content.digest, pinned=content.pinned)
+            out[path] = Entry(content.digest, size, content.pinned)
     return out
 
 
-def _files(store: MetadataStore, where: Target) -> dict[str, tuple[str, int]]:
-    """path -> (hash, size) of every file of the run or model."""
+def _files(store: MetadataStore, where: Target) -> dict[str, Entry]:
+    """path -> where and how big every file of the run, model or version is."""
     if where.version is not None:
         return _version_files(store, where.version)
     if where.run is not None:
@@ -127,7 +143,7 @@ def _files(store: MetadataStore, where: Target) -> dict[str, tuple[str, int]]:
             table.c.model_id == where.model_id
         )
     with store.engine.connect() as conn:
-        return {r.path: (r.hash, r.size) for r in conn.execute(stmt)}
+        return {r.path: Entry(r.hash, r.size) for r in conn.execute(stmt)}
 
 
 def _list(store: MetadataStore, path: str) -> Response:
@@ -135,10 +151,11 @@ def _list(store: MetadataStore, path: str) -> Response:
     files = _files(store, where)
     if where.rel in files:
         name = posixpath.basename(where.rel)
-        return reply({"files": [{"path": name, "is_dir": False, "file_size": files[where.rel][1]}]})
+        size = files[where.rel].size
+        return reply({"files": [{"path": name, "is_dir": False, "file_size": size}]})
     prefix = where.rel + "/" if where.rel else ""
     entries: dict[str, dict[str, Any]] = {}
-    for file, (_, size) in files.items():
+    for file, (_, size, _pinned) in files.items():
         if not file.startswith(prefix):
             continue
         head, sep, _rest = file[len(prefix) :].partition("/")
@@ -161,14 +178,40 @@ def _download(store: MetadataStore, path: str) -> Response:
     found = _files(store, where).get(where.rel)
     if found is None:
         raise not_found(f"Artifact '{where.rel}' does not exist at {path!r}")
-    data = artifact_store(store.config.artifacts_url).get(found[0])
     kind = mimetypes.guess_type(where.rel)[0] or "application/octet-stream"
-    return Response(data, media_type=kind)
+    return blob_response(store, found.digest, kind, pinned=found.pinned)
 
 
 @router.get("/artifacts/{path:path}")
 def download(path: str, store: Store, _: Viewer) -> Response:
     return _download(store, path)
+
+
+_FINISHED = frozenset(FINISHED_RUN | {"CACHED", "SKIPPED"})
+
+
+def _unchanged_once_finished(store: MetadataStore, where: Target, principal: Principal) -> None:
+    """A finished run's files, and a logged model's once it is READY, may be written
+    only by an admin: what a run produced stays what it produced (409 otherwise)."""
+    if principal.allows("admin"):
+        return
+    if where.run is not None and where.run.status in _FINISHED:
+        raise MlflowError(
+            "RESOURCE_CONFLICT",
+            f"run {where.run.mlflow_id} has finished ({where.run.status}); its artifacts "
+            "can no longer be changed (only an admin may)",
+        )
+    if where.model_id is not None:
+        with store.engine.connect() as conn:
+            status = conn.execute(
+                sa.select(logged_models.c.status).where(logged_models.c.model_id == where.model_id)
+            ).scalar()
+        if status == "LOGGED_MODEL_READY":
+            raise MlflowError(
+                "RESOURCE_CONFLICT",
+                f"logged model {where.model_id} is READY; its files can no longer be changed "
+                "(only an admin may): log a new model instead",
+            )
 
 
 def _read_only(where: Target) -> None:
@@ -179,9 +222,10 @@ def _read_only(where: Target) -> None:
         )
 
 
-def _upload(store: MetadataStore, path: str, data: bytes) -> Response:
+def _upload(store: MetadataStore, path: str, data: bytes, principal: Principal) -> Response:
     where = target(store, path)
     _read_only(where)
+    _unchanged_once_finished(store, where, principal)
     if not where.rel:
         raise invalid("an upload needs a file path after .../artifacts/")
     digest = hashlib.sha256(data).hexdigest()
@@ -208,14 +252,15 @@ def _upload(store: MetadataStore, path: str, data: bytes) -> Response:
 
 
 @router.put("/artifacts/{path:path}")
-async def upload(path: str, request: Request, store: Store, _: Operator) -> Response:
+async def upload(path: str, request: Request, store: Store, principal: Operator) -> Response:
     data = await request.body()
-    return await run_in_threadpool(_upload, store, path, data)
+    return await run_in_threadpool(_upload, store, path, data, principal)
 
 
-def _delete(store: MetadataStore, path: str) -> Response:
+def _delete(store: MetadataStore, path: str, principal: Principal) -> Response:
     where = target(store, path)
     _read_only(where)
+    _unchanged_once_finished(store, where, principal)
     prefix = where.rel + "/"
     gone = [
         p for p in _files(store, where) if not where.rel or p == where.rel or p.startswith(prefix)
@@ -243,8 +288,8 @@ def _delete(store: MetadataStore, path: str) -> Response:
 
 
 @router.delete("/artifacts/{path:path}")
-def delete(path: str, store: Store, _: Operator) -> Response:
-    return _delete(store, path)
+def delete(path: str, store: Store, principal: Operator) -> Response:
+    return _delete(store, path, principal)
 
 
 @info_router.get("/server-info")

@@ -33,6 +33,7 @@ STATUS_BY_CODE = {
     "RESOURCE_DOES_NOT_EXIST": 404,
     "ENDPOINT_NOT_FOUND": 404,
     "RESOURCE_ALREADY_EXISTS": 400,
+    "RESOURCE_CONFLICT": 409,
     "INVALID_PARAMETER_VALUE": 400,
     "BAD_REQUEST": 400,
     "INVALID_STATE": 400,
@@ -71,8 +72,10 @@ def _keel_code(exc: keel_errors.KeelError) -> str:
         | keel_errors.ModelNotFoundError,
     ):
         return "RESOURCE_DOES_NOT_EXIST"
-    if isinstance(exc, keel_errors.StoreUnavailableError):
+    if isinstance(exc, keel_errors.StoreUnavailableError | keel_errors.ArtifactWriteError):
         return "TEMPORARILY_UNAVAILABLE"
+    if isinstance(exc, keel_errors.ArtifactIntegrityError):
+        return "RESOURCE_CONFLICT"
     return "INVALID_PARAMETER_VALUE"
 
 
@@ -81,7 +84,12 @@ def as_mlflow_error(exc: Exception) -> MlflowError | None:
     if isinstance(exc, MlflowError):
         return exc
     if isinstance(exc, ApiError):
-        codes = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "RESOURCE_DOES_NOT_EXIST"}
+        codes = {
+            401: "UNAUTHENTICATED",
+            403: "PERMISSION_DENIED",
+            404: "RESOURCE_DOES_NOT_EXIST",
+            409: "RESOURCE_CONFLICT",
+        }
         return MlflowError(codes.get(exc.status, "BAD_REQUEST"), exc.message)
     if isinstance(exc, keel_errors.KeelError):
         text = exc.message + (f" ({exc.hint})" if exc.hint else "")

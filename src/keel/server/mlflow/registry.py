@@ -3,8 +3,10 @@
 It is keel's registry (keel_models, keel_model_versions, keel_model_aliases), so a
 version registered with `mlflow.register_model` shows in `keel models`, and keel's
 own versions show here. A version registered through MLflow has flavor "mlflow" and
-points at a logged model (`models:/m-...`); keel's own versions are listed, but their
-files are keel's (load them with keel.load_model), so get-download-uri refuses them.
+points at a logged model (`models:/m-...`) or a folder of a run's artifacts, whose
+files are pinned (copied by content hash) when the version is created; get-download-uri
+answers the pinned copies (`mlflow-artifacts:/keel-models/NAME/VERSION`), and keel's own
+versions are presented there as MLflow model directories.
 Changes need the admin role, as every registry change on this server does, and go to
 the registry's audit log (keel_registry_events).
 """
@@ -47,6 +49,7 @@ from keel.server.mlflow.mapping import exp_out, find, step_id
 from keel.store import registry_store as rs
 from keel.store.metadata import MetadataStore
 from keel.store.schema import model_aliases, model_versions, models, registry_events
+from keel.tracking.pins import PINNED, pin_mlflow_files, pinned_files
 
 router = APIRouter(route_class=MlflowRoute)
 _LOGGED_MODEL_URI = re.compile(r"models:/(m-[0-9a-f]{32})/?$")
@@ -282,7 +285,13 @@ def create_version(args: Args, store: Store, principal: Admin) -> Response:
     run = find(store, run_text) if run_text else None
     tags = key_values(args, "tags")
     check_tags(tags)
-    meta = {"mlflow_source": source, "mlflow_model_id": model_id or None}
+    meta: dict[str, Any] = {"mlflow_source": source, "mlflow_model_id": model_id or None}
+    # A version never changes: the files keel holds for it are pinned now, by content
+    # hash, and it is loaded (by keel and by MLflow clients) only from those copies.
+    seq = run.seq if run is not None and run.seq >= 0 else None
+    pinned = pin_mlflow_files(store, meta, run.run_id if run is not None else None, seq)
+    if pinned is not None:
+        meta[PINNED] = pinned
     values = {
         "name": name,
         "flavor": "mlflow",
@@ -416,7 +425,7 @@ def search_versions(args: Args, store: Store, _: Viewer) -> Response:
 def download_uri(args: Args, store: Store, _: Viewer) -> Response:
     row = _version_row(store, args)
     meta = json.loads(row.meta) if row.meta else {}
-    if row.flavor != "mlflow":  # presented as an MLflow model directory (pyfunc)
+    if row.flavor != "mlflow" or pinned_files(meta) is not None:  # its pinned files
         return reply({"artifact_uri": f"mlflow-artifacts:/{KEEL_MODELS}/{row.name}/{row.version}"})
     if meta.get("mlflow_model_id"):
         model = get_model_row(store, meta["mlflow_model_id"])

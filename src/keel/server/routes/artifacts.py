@@ -4,7 +4,7 @@ artifact store by hash. Metadata, download and preview for each.
 A download is looked up by what the metadata store recorded (a run and step, a
 logged path, a sha256): a path in a request is never joined onto a folder, so it
 cannot reach outside the artifact store. Pickled values are served as bytes and
-never loaded here.
+never loaded here. Downloads are streamed from the artifact store in chunks.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from keel.errors import SerializationError
+from keel.server.downloads import blob_response
 from keel.server.errors import ApiError
 from keel.server.routes.common import AUTH, ERRORS, Store, Viewer, find_step, get_run_row
 from keel.server.routes.previews import (
@@ -89,10 +90,14 @@ def _read_blob(store: MetadataStore, digest: str) -> bytes:
         raise ApiError(404, "artifact_missing", exc.message, {"hint": exc.hint}) from None
 
 
-def _download(data: bytes, media_type: str, filename: str) -> Response:
+def _headers(filename: str) -> dict[str, str]:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)[-150:] or "artifact"
-    headers = {**_DOWNLOAD_HEADERS, "Content-Disposition": f'attachment; filename="{safe}"'}
-    return Response(data, media_type=media_type, headers=headers)
+    return {**_DOWNLOAD_HEADERS, "Content-Disposition": f'attachment; filename="{safe}"'}
+
+
+def _download(store: MetadataStore, digest: str, media_type: str, filename: str) -> Response:
+    """A blob as an attachment, streamed from the artifact store."""
+    return blob_response(store, digest, media_type, _headers(filename))
 
 
 # -- step outputs and run results --------------------------------------------------------
@@ -120,6 +125,18 @@ def _value_meta(run_id: str, step_key: str | None, row: Any, prefix: str, base: 
         content_url=f"{base}/content",
         preview_url=f"{base}/preview",
     )
+
+
+def _value_download(store: MetadataStore, row: Any, prefix: str, meta: ValueMeta) -> Response:
+    """A recorded value's bytes as an attachment: from the row when kept inline, else
+    streamed from the artifact store."""
+    what = f"{meta.run_id}-{meta.step_key if prefix == 'output' else 'result'}"
+    name = what + EXTENSIONS.get(meta.serializer, ".bin")
+    media_type = MEDIA_TYPES.get(meta.serializer, "application/octet-stream")
+    inline = getattr(row, f"{prefix}_inline")
+    if inline is not None:
+        return Response(bytes(inline), media_type=media_type, headers=_headers(name))
+    return _download(store, getattr(row, f"{prefix}_ref"), media_type, name)
 
 
 def _value_bytes(store: MetadataStore, row: Any, prefix: str) -> bytes:
@@ -151,9 +168,7 @@ def output_meta(run_id: str, step: str, _: Viewer, store: Store) -> ValueMeta:
 def output_content(run_id: str, step: str, _: Viewer, store: Store) -> Response:
     """The output's bytes as its serializer wrote them (.json, .npy, .parquet, .pkl)."""
     row, meta = _output(store, run_id, step)
-    data = _value_bytes(store, row, "output")
-    name = f"{meta.run_id}-{meta.step_key}{EXTENSIONS.get(meta.serializer, '.bin')}"
-    return _download(data, MEDIA_TYPES.get(meta.serializer, "application/octet-stream"), name)
+    return _value_download(store, row, "output", meta)
 
 
 @router.get("/runs/{run_id}/steps/{step}/output/preview", response_model=Preview)
@@ -172,9 +187,7 @@ def result_meta(run_id: str, _: Viewer, store: Store) -> ValueMeta:
 @router.get("/runs/{run_id}/result/content", response_class=Response, responses=_BYTES)
 def result_content(run_id: str, _: Viewer, store: Store) -> Response:
     row, meta = _result(store, run_id)
-    data = _value_bytes(store, row, "result")
-    name = f"{meta.run_id}-result{EXTENSIONS.get(meta.serializer, '.bin')}"
-    return _download(data, MEDIA_TYPES.get(meta.serializer, "application/octet-stream"), name)
+    return _value_download(store, row, "result", meta)
 
 
 @router.get("/runs/{run_id}/result/preview", response_model=Preview)
@@ -257,8 +270,7 @@ def logged_content(
 ) -> Response:
     """A logged file's bytes, by the path it was logged under."""
     row = _logged(store, run_id, step, path)
-    data = _read_blob(store, row.hash)
-    return _download(data, media_type_for_file(row.path), row.path.rsplit("/", 1)[-1])
+    return _download(store, row.hash, media_type_for_file(row.path), row.path.rsplit("/", 1)[-1])
 
 
 @router.get("/runs/{run_id}/artifacts/preview", response_model=Preview)
@@ -307,7 +319,10 @@ def _blob(store: MetadataStore, digest: str) -> BlobOut:
             sa.select(model_versions).where(model_versions.c.source_hash == digest).limit(1)
         ).first()
     if model is not None:
-        size = len(_read_blob(store, digest))
+        try:
+            size = artifact_store(store.config.artifacts_url).size(digest)
+        except SerializationError as exc:
+            raise ApiError(404, "artifact_missing", exc.message, {"hint": exc.hint}) from None
         return BlobOut(
             hash=digest, size=size, what="model", serializer=None, type=model.flavor,
             run_id=model.run_id, seq=model.seq, content_url=url,
@@ -325,4 +340,4 @@ def blob_meta(digest: Digest, _: Viewer, store: Store) -> BlobOut:
 @router.get("/artifacts/{digest}/content", response_class=Response, responses=_BYTES)
 def blob_content(digest: Digest, _: Viewer, store: Store) -> Response:
     _blob(store, _check_digest(digest))
-    return _download(_read_blob(store, digest), "application/octet-stream", digest)
+    return _download(store, digest, "application/octet-stream", digest)
