@@ -7,6 +7,7 @@ Times are epoch seconds (float) so that SQLite and PostgreSQL behave alike.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -21,9 +22,12 @@ from sqlalchemy import (
 )
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 
 metadata = MetaData()
+
+# A metric's step: 64-bit everywhere (SQLite's INTEGER already is; migration 0009).
+STEP = BigInteger().with_variant(Integer, "sqlite")
 
 runs = Table(
     "keel_runs",
@@ -196,7 +200,7 @@ metrics = Table(
     Column("key", String(250), nullable=False),
     Column("value", Float),  # NULL when is_nan: SQLite has no NaN
     Column("is_nan", Boolean, nullable=False, default=False),
-    Column("step", Integer, nullable=False, default=0),
+    Column("step", STEP, nullable=False, default=0),
     Column("timestamp", Float, nullable=False),
     Index("ix_keel_metrics_run_key", "run_id", "seq", "key", "step"),
 )
@@ -209,7 +213,7 @@ latest_metrics = Table(
     Column("key", String(250), primary_key=True),
     Column("value", Float),
     Column("is_nan", Boolean, nullable=False, default=False),
-    Column("step", Integer, nullable=False, default=0),
+    Column("step", STEP, nullable=False, default=0),
     Column("timestamp", Float, nullable=False),
     Index("ix_keel_latest_metrics_key_value", "key", "value"),
 )
