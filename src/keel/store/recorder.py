@@ -305,7 +305,9 @@ class Recorder:
             refusal.reason,
         )
         with self._refused_lock:
-            self._refused.setdefault(refusal.run_id, []).append(refusal)
+            found = self._refused.setdefault(refusal.run_id, [])
+            if refusal not in found:  # a metric's point and its latest value: one refusal
+                found.append(refusal)
 
     def _poll_cancel(self) -> None:
         self._last_poll = time.monotonic()
