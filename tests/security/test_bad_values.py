@@ -57,6 +57,11 @@ def sneaks_row() -> int:
     return -1
 
 
+@keel.task(name="bv_raises")
+def raises() -> int:
+    raise ValueError("an error message with a NUL \x00 and a lone surrogate \ud800")
+
+
 @keel.workflow(name="bv_flow")
 def flow(sneak: bool = False) -> dict[str, Any]:
     total = sum(good(i) for i in range(10))
@@ -65,6 +70,11 @@ def flow(sneak: bool = False) -> dict[str, Any]:
         (sneaks_row if sneak else bad_param)()
     except InvalidValueError as exc:
         caught = exc.message
+    if sneak:
+        try:
+            raises()
+        except ValueError:
+            pass
     total += sum(good(i) for i in range(10, 20))
     return {"total": total, "caught": caught}
 
@@ -138,8 +148,11 @@ def test_a_row_the_database_refuses_costs_only_its_step_and_run(
     assert on_postgres["error"] == refused
     assert "disk" not in refused
     statuses = [status for _, status, _ in on_postgres["steps"]]
-    assert len(statuses) == 21 and statuses.count("SUCCEEDED") == 20
+    assert len(statuses) == 22 and statuses.count("SUCCEEDED") == 20
     assert on_postgres["steps"][10] == ("bv_sneaks_row", "FAILED", refused)
+    # An exception's message is kept, escaped alike on both databases.
+    escaped = "an error message with a NUL \\x00 and a lone surrogate \\ud800"
+    assert on_postgres["steps"][11] == ("bv_raises", "FAILED", escaped)
     assert on_postgres["metric points"] == [1] * 20
     # The log line is kept, its NUL and surrogate escaped alike on both databases.
     assert on_postgres["logs"] == ["a log line with a NUL \\x00 and a lone surrogate \\ud800\n"]
@@ -165,6 +178,45 @@ def test_the_recorder_finds_the_refused_rows_among_many(backend: str) -> None:
     assert [r.what for r in recorder.take_refused("r2")] == ["tag 'team'"]
     assert recorder.take_refused("r1") == []  # taken once
     assert recorder.error is None  # nothing blamed on the database
+
+
+@keel.task(name="bv_sneaks_away", executor="processes")
+def sneaks_away() -> int:
+    keel.log_metric("kept", 1.0)
+    run = current()
+    assert run is not None
+    run.recorder.param((run.run_id, run.seq, LONE, "v"))  # past the checks
+    return 1
+
+
+@keel.workflow(name="bv_away")
+def away() -> str:
+    try:
+        sneaks_away()
+    except InvalidValueError as exc:
+        return exc.message
+    return "not refused"
+
+
+def test_a_step_in_another_process_fails_at_its_flush(backend: str) -> None:
+    handle = keel.run(away)
+    message = handle.result()
+    assert message.startswith("the metadata store refused param 'bad\\ud800' of step 0")
+    step = keel.Client().run(handle.id).step(0)
+    assert (step.status, step.data.metrics) == ("FAILED", {"kept": 1.0})
+
+
+def test_a_tracked_run_with_a_refused_row_ends_failed(backend: str) -> None:
+    run = keel.start_run(experiment="bv")
+    keel.log_metric("kept", 1.0)
+    tracked = current()
+    assert tracked is not None
+    tracked.recorder.tag((tracked.run_id, -1, "team", LONE))  # past the checks
+    with pytest.raises(InvalidValueError, match=r"refused tag 'team' of the run"):
+        run.end()
+    read = keel.Client().run(run.id)
+    assert read.status == "FAILED"
+    assert read.data.metrics == {"kept": 1.0} and read.data.tags == {}
 
 
 # -- checks at the call -------------------------------------------------------------------------

@@ -180,9 +180,10 @@ class Recorder:
                     if seen is None or (payload[5], payload[6]) >= (seen[5], seen[6]):
                         latest[mkey] = payload
                 elif kind == "step":
-                    steps[(payload["run_id"], payload["seq"])] = payload
+                    steps[(payload["run_id"], payload["seq"])] = _errors_escaped(payload)
                 elif kind == "attempt":
-                    attempts[(payload["run_id"], payload["seq"], payload["attempt"])] = payload
+                    key = (payload["run_id"], payload["seq"], payload["attempt"])
+                    attempts[key] = _errors_escaped(payload)
                 elif kind == "logs":
                     for row in payload:
                         # PostgreSQL refuses NUL in text, SQLite keeps it: escape it on
@@ -196,7 +197,7 @@ class Recorder:
                     batch.cache.append(payload)
                 elif kind == "run":
                     run_id, values = payload
-                    batch.run_updates.setdefault(run_id, {}).update(values)
+                    batch.run_updates.setdefault(run_id, {}).update(_errors_escaped(values))
                 elif kind == "param":
                     batch.params.append(payload)
                 elif kind == "tag":
@@ -325,6 +326,16 @@ class Recorder:
 
 _recorders: dict[int, Recorder] = {}
 _lock = threading.Lock()
+
+
+def _errors_escaped(row: dict[str, Any]) -> dict[str, Any]:
+    """An error message or traceback with a NUL in it (an exception's text can hold
+    anything) escaped, as on PostgreSQL, so both databases record the same text."""
+    for name in ("error_message", "traceback"):
+        text = row.get(name)
+        if text and "\x00" in text:
+            row = {**row, name: clean_text(text)}
+    return row
 
 
 def _first_line(exc: BaseException) -> str:

@@ -214,6 +214,19 @@ class ActiveRun:
             )
         self.tracked.recorder.run_update(self.id, values)
         self.tracked.recorder.flush()
+        refused = self.tracked.recorder.take_refused(self.id)
+        if refused:
+            # A row the database refused (it got past the checks at the call): the run
+            # did not record everything it logged, so it did not succeed.
+            problem = refused[0].error()
+            self.tracked.store.update_run(
+                self.id,
+                status=str(RunStatus.FAILED),
+                error_type=qualified_name(type(problem)),
+                error_message=problem.message,
+            )
+            if status is RunStatus.SUCCEEDED:
+                raise problem
 
 
 def _parent_experiment(parent: TrackedRun | None) -> str | None:
