@@ -255,6 +255,11 @@ def test_tracking_calls_refuse_what_the_store_cannot_hold(backend: str) -> None:
             (lambda: keel.set_experiment(NUL_KEY), "experiment name", "NUL character"),
             (lambda: keel.start_run(run_name=LONE), "run_name", "lone surrogate"),
             (lambda: keel.start_run(tags={"t": NUL_KEY}), "tag value", "NUL character"),
+            (
+                lambda: keel.register_model("m", "runs:/x/model", description=LONE),
+                "description",
+                "lone surrogate",
+            ),
         ]
         for call, field, problem in cases:
             with pytest.raises(InvalidValueError) as info:
