@@ -20,7 +20,7 @@ from typing import Any
 from keel.errors import InvalidValueError, TrackingError
 from keel.executors.base import StepCall, after_step_hooks
 from keel.store.artifacts import artifact_store
-from keel.store.limits import INT64_MAX, INT64_MIN, check_finite, check_int64, check_text
+from keel.store.limits import check_finite, check_int64, check_text
 from keel.store.tracking import (
     MAX_KEY_LENGTH,
     MAX_PARAM_LENGTH,
@@ -134,22 +134,23 @@ def _metric_value(key: str, value: Any) -> tuple[float | None, bool]:
     return number, False
 
 
+_good_metric_keys: set[str] = set()  # metric keys that passed _check_key
+
+
 def _metric_row(
     run: TrackedRun, key: str, value: Any, step: Any, timestamp: float | None
 ) -> tuple[Any, ...]:
-    # The common case (an ASCII str key without NUL, an int step) costs a few checks.
-    if (
-        type(key) is not str
-        or not key
-        or len(key) > MAX_KEY_LENGTH
-        or key[0] == "/"
-        or ".." in key
-        or not key.isascii()
-        or "\x00" in key
-    ):
+    # The common case (a key checked before, an int step) costs a few operations: a
+    # training loop logs the same few keys again and again.
+    if type(key) is not str or key not in _good_metric_keys:
         _check_key("metric", key)
+        if len(_good_metric_keys) < 10_000:
+            _good_metric_keys.add(key)
     number, is_nan = _metric_value(key, value)
-    if step is not None and (type(step) is not int or not INT64_MIN <= step <= INT64_MAX):
+    # INT64_MIN and INT64_MAX as literals: no global lookups per point.
+    if step is not None and (
+        type(step) is not int or not -9223372036854775808 <= step <= 9223372036854775807
+    ):
         step = _check_step(step)
     return (
         run.run_id,
