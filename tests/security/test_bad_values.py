@@ -415,3 +415,49 @@ def test_mlflow_routes_answer_400_naming_the_field_and_keep_what_was_recorded(
     for path in (f"/experiments/get?experiment_id={BIG}", f"/runs/get?run_id={run}-{BIG}"):
         reply = httpx.get(mlflow_url + path, timeout=60)
         assert (reply.status_code, reply.json()["error_code"]) == (404, "RESOURCE_DOES_NOT_EXIST")
+
+
+# -- keel's own REST API ------------------------------------------------------------------------
+
+
+def test_rest_api_answers_400_naming_the_parameter(api: Any) -> None:
+    """On both databases alike (SQLite would look a NUL up, PostgreSQL refuse it)."""
+    cases = [
+        ("GET", "/api/v1/runs/ab%00c", "run_id"),
+        ("GET", "/api/v1/runs?workflow=a%00b", "workflow"),
+        ("GET", "/api/v1/experiments/a%00b", "experiment"),
+        ("GET", "/api/v1/audit?actor=a%00b", "actor"),
+        ("PUT", "/api/v1/models/m/aliases/a%00b", "alias"),
+        ("POST", "/api/v1/triggers/a%00b", "name"),
+    ]
+    for method, path, field in cases:
+        reply = api.request(method, path, json={"version": 1} if method == "PUT" else {})
+        body = reply.json()["error"]
+        assert (reply.status_code, body["code"]) == (400, "bad_request"), (path, body)
+        assert body["details"] == {"field": field}, (path, body)
+        assert "has a NUL character ('\\x00')" in body["message"]
+    # A lone surrogate in a JSON body is refused by the request's model, naming the field.
+    reply = api.post(
+        "/api/v1/runs/r1/signal",
+        content=b'{"name": "\\ud800"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert reply.status_code == 422
+    assert reply.json()["error"]["details"][0]["loc"] == ["body", "name"]
+    # Refused requests are audited (with the NUL escaped), not turned into a 500.
+    audited = api.get("/api/v1/audit").json()["entries"]
+    assert {e["path"] for e in audited} >= {
+        "/api/v1/models/m/aliases/a\\x00b",
+        "/api/v1/triggers/a\\x00b",
+    }
+
+
+@keel.workflow(name="bv_echo")
+def echo(text: str) -> str:
+    return text
+
+
+def test_a_workflow_parameter_with_a_nul_is_tracked_escaped(backend: str) -> None:
+    handle = keel.run(echo, text="a\x00b")
+    assert handle.result() == "a\x00b"  # the workflow gets the value itself
+    assert keel.Client().run(handle.id).data.params == {"text": "a\\x00b"}
