@@ -278,24 +278,31 @@ class Recorder:
                 middle = len(group) // 2
                 pending.appendleft(group[middle:])
                 pending.appendleft(group[:middle])
-            elif not self._write_fitted(group[0]):
-                self._refuse(group[0], refusal)
+            else:
+                written = self._write_fitted(group[0])
+                if written is None:
+                    return False
+                if not written:
+                    self._refuse(group[0], refusal)
         return True
 
-    def _write_fitted(self, part: tuple[str, Any]) -> bool:
-        """Free text keel recorded on its own is made to fit and written."""
+    def _write_fitted(self, part: tuple[str, Any]) -> bool | None:
+        """Free text keel recorded on its own is made to fit and written. True: written;
+        False: refused; None: the store failed otherwise (self.error says how)."""
         fit = fitted(part)
         if fit is None:
             return False
         try:
-            if self._commit(join([fit])):
-                log.warning("recorded %s with its text made to fit", fit[0])
-                return True
+            if not self._commit(join([fit])):
+                return None
         except Exception as exc:
-            if not is_data_error(exc, self.store.engine.dialect):
-                self.error = exc
-                log.exception("recording failed")
-        return False
+            if is_data_error(exc, self.store.engine.dialect):
+                return False
+            self.error = exc
+            log.exception("recording failed")
+            return None
+        log.warning("recorded %s with its text made to fit", fit[0])
+        return True
 
     def _refuse(self, part: tuple[str, Any], exc: BaseException) -> None:
         refusal = Refusal.of(part, _first_line(exc))
