@@ -108,6 +108,41 @@ class TrackingError(KeelError):
     twice with different values, a filter that does not parse."""
 
 
+class InvalidValueError(TrackingError, ValueError):
+    """A value the store cannot hold exactly: a NUL character, a lone surrogate (text
+    that is not valid Unicode), a number out of range, a key or value over its column's
+    size. `field` names what was bad (e.g. `param key`, `metrics[2].step`)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        run_id: str | None = None,
+        step_key: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.field = field
+        super().__init__(message, run_id=run_id, step_key=step_key, hint=hint)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_invalid,
+            (type(self), self.message, self.field, self.run_id, self.step_key, self.hint),
+        )
+
+
+def _rebuild_invalid(
+    cls: type[InvalidValueError],
+    message: str,
+    field: str | None,
+    run_id: str | None,
+    step_key: str | None,
+    hint: str | None,
+) -> InvalidValueError:
+    return cls(message, field=field, run_id=run_id, step_key=step_key, hint=hint)
+
+
 class StepFailedError(KeelError):
     """A step failed and its original exception could not be brought back as it was."""
 

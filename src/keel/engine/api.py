@@ -224,6 +224,9 @@ def signal(
         )
     if not isinstance(name, str) or not name or len(name) > 200:
         raise RunStateError(f"a signal name must be a non-empty string, got {name!r}", run_id=rid)
+    from keel.store.limits import check_text
+
+    check_text("a signal name", name, field="name")
     try:
         json.dumps(payload)
     except (TypeError, ValueError) as exc:

@@ -31,8 +31,10 @@ from keel.sdk.context import set_runtime
 from keel.sdk.definitions import Workflow
 from keel.sdk.futures import StepFuture
 from keel.status import RunStatus
+from keel.store.batch_parts import Refusal
+from keel.store.limits import clean_text
 from keel.store.metadata import MetadataStore
-from keel.store.tracking import MAX_PARAM_LENGTH, experiment_id
+from keel.store.tracking import MAX_KEY_LENGTH, MAX_PARAM_LENGTH, MAX_TAG_LENGTH, experiment_id
 from keel.store.values import StoredValue, store_value
 from keel.tracking.log import remember_params
 
@@ -110,15 +112,18 @@ def record_new_run(session: Session, row: dict[str, Any], params: Mapping[str, A
     run_id = row["id"]
     texts = {}
     for key, value in params.items():
-        text = str(value)
+        # A copy for tracking (the run's params keep the value itself): a parameter
+        # holding a NUL character is fine for the workflow, so it is escaped here.
+        text = clean_text(str(value))
         if len(text) > MAX_PARAM_LENGTH:
             text = text[: MAX_PARAM_LENGTH - 3] + "..."
         texts[key] = text
-        session.recorder.param((run_id, -1, key, text))
+        session.recorder.param((run_id, -1, clean_text(key)[:MAX_KEY_LENGTH], text))
     # So keel.log_param in the body cannot silently change a parameter of the run.
     remember_params(run_id, -1, texts)
     for key, value in json.loads(row["tags"] or "{}").items():
-        session.recorder.tag((run_id, -1, key, str(value)))
+        tag = clean_text(str(value))[:MAX_TAG_LENGTH]
+        session.recorder.tag((run_id, -1, clean_text(key)[:MAX_KEY_LENGTH], tag))
 
 
 def _user() -> str:
@@ -196,9 +201,36 @@ def _execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
     session.recorder.unwatch(state.run_id)
     session.recorder.run_update(state.run_id, _end_fields(status, stored, error))
     session.recorder.flush()
+    refused = session.recorder.take_refused(state.run_id)
+    if refused:
+        status, error = _fail_refused(state, refused, status, error)
+        if status is RunStatus.FAILED:
+            stored = None
     if interrupted is not None:
         raise interrupted
     return RunOutcome(state.run_id, status, stored, error)
+
+
+def _fail_refused(
+    state: RunState,
+    refused: list[Refusal],
+    status: RunStatus,
+    error: BaseException | None,
+) -> tuple[RunStatus, BaseException | None]:
+    """Rows of this run the database refused (values that got past the checks at the
+    call): each step they belong to, and the run, fail with an error naming the value."""
+    session = state.session
+    for seq in dict.fromkeys(r.seq for r in refused if r.seq >= 0):
+        first = next(r for r in refused if r.seq == seq)
+        problem = first.error()
+        session.store.fail_step(state.run_id, seq, qualified_name(type(problem)), problem.message)
+    if status is RunStatus.SUCCEEDED:
+        status, error = RunStatus.FAILED, refused[0].error()
+        fields = _end_fields(status, None, error)
+        fields.update(result_serializer=None, result_inline=None, result_ref=None, result_type=None)
+        session.recorder.run_update(state.run_id, fields)
+        session.recorder.flush()
+    return status, error
 
 
 # A run waiting for a signal without a timeout is queued this far ahead; the

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from keel.errors import KeelError, qualified_name
+from keel.errors import InvalidValueError, KeelError, qualified_name
 from keel.executors import capture, live_logs
 from keel.sdk.context import StepContext, set_step
 from keel.store.values import StoredValue, store_value
@@ -221,7 +221,13 @@ def execute_step(call: StepCall) -> StepOutcome:
     finally:
         try:
             for hook in after_step_hooks:
-                hook(call)
+                try:
+                    hook(call)
+                except InvalidValueError as exc:  # the store refused what the step logged
+                    if exc.step_key is None:
+                        exc.step_key = call.key
+                        exc.args = (exc._render(),)
+                    outcome = failure(exc, started)
         finally:
             set_step(previous)
             capture.set_buffer(None)

@@ -86,6 +86,16 @@ def install(app: FastAPI) -> None:
             error_body("bad_request", f"the database refused a value: {detail}"), status_code=400
         )
 
+    @app.exception_handler(UnicodeError)
+    @app.exception_handler(OverflowError)
+    async def _unstorable(_: Request, exc: Exception) -> JSONResponse:
+        # Text that is not valid Unicode or a number beyond 64 bits reached the
+        # database driver: the request's fault too.
+        return JSONResponse(
+            error_body("bad_request", f"a value of the request cannot be stored: {exc}"),
+            status_code=400,
+        )
+
     @app.exception_handler(sa_exc.OperationalError)
     async def _unreachable(_: Request, exc: sa_exc.OperationalError) -> JSONResponse:
         log.warning("metadata store error: %s", exc)

@@ -297,6 +297,15 @@ class MetadataStore:
         with self.engine.begin() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
 
+    def fail_step(self, run_id: str, seq: int, error_type: str, error_message: str) -> None:
+        """Mark a recorded step FAILED after the fact (a row of it was refused)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                steps.update()
+                .where(steps.c.run_id == run_id, steps.c.seq == seq)
+                .values(status="FAILED", error_type=error_type, error_message=error_message)
+            )
+
     def request_cancel(self, run_id: str) -> None:
         self.update_run(run_id, cancel_requested=True)
 

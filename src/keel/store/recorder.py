@@ -5,6 +5,12 @@ record never becomes durable before the records of the steps it consumed. A cras
 loses at most the events not yet written; their steps simply run again on resume.
 Rows are full snapshots, so several events for one step in a batch collapse to the
 last one.
+
+A row the database refuses (a value it cannot hold) never takes its batch down:
+the batch is written again in halves until the refused rows are found; every
+other row is recorded. Free text (logs, error messages) is then made to fit;
+any other refused row is dropped and kept as a `Refusal` of its run, which the
+engine turns into a failure of that step and run (store/batch_parts.py).
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 
 from keel.errors import StoreUnavailableError
+from keel.store.batch_parts import Refusal, fitted, is_data_error, join, split
+from keel.store.limits import clean_text
 from keel.store.metadata import Batch, MetadataStore
 from keel.store.retry import RETRY_SECONDS
 
@@ -38,6 +47,8 @@ class Recorder:
         self._last_poll = 0.0
         self._wake = threading.Event()
         self.error: BaseException | None = None
+        self._refused: dict[str, list[Refusal]] = {}
+        self._refused_lock = threading.Lock()
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -114,6 +125,25 @@ class Recorder:
                 hint="Check the database and disk space; resume the run afterwards",
             )
 
+    def take_refused(self, run_id: str, seq: int | None = None) -> list[Refusal]:
+        """The rows of `run_id` (of step `seq`, if given) the database refused since
+        the last call, in the order they were found. Flush first to see them all."""
+        with self._refused_lock:
+            found = self._refused.get(run_id, [])
+            taken = [r for r in found if seq is None or r.seq == seq]
+            kept = [r for r in found if not (seq is None or r.seq == seq)]
+            if kept:
+                self._refused[run_id] = kept
+            else:
+                self._refused.pop(run_id, None)
+        return taken
+
+    def raise_refused(self, run_id: str, seq: int) -> None:
+        """Raise the first refusal of this step's rows, if any (a step in a worker)."""
+        refused = self.take_refused(run_id, seq)
+        if refused:
+            raise refused[0].error()
+
     def watch_cancel(self, run_id: str, on_cancel: Callable[[], None]) -> None:
         self._watched[run_id] = on_cancel
         self._ensure_thread()
@@ -150,10 +180,16 @@ class Recorder:
                     if seen is None or (payload[5], payload[6]) >= (seen[5], seen[6]):
                         latest[mkey] = payload
                 elif kind == "step":
-                    steps[(payload["run_id"], payload["seq"])] = payload
+                    steps[(payload["run_id"], payload["seq"])] = _errors_escaped(payload)
                 elif kind == "attempt":
-                    attempts[(payload["run_id"], payload["seq"], payload["attempt"])] = payload
+                    key = (payload["run_id"], payload["seq"], payload["attempt"])
+                    attempts[key] = _errors_escaped(payload)
                 elif kind == "logs":
+                    for row in payload:
+                        # PostgreSQL refuses NUL in text, SQLite keeps it: escape it on
+                        # both, so a log reads the same from either (a cheap scan).
+                        if "\x00" in row["text"]:
+                            row["text"] = clean_text(row["text"])
                     batch.logs.extend(payload)
                 elif kind == "artifact":
                     batch.artifacts.append(payload)
@@ -161,7 +197,7 @@ class Recorder:
                     batch.cache.append(payload)
                 elif kind == "run":
                     run_id, values = payload
-                    batch.run_updates.setdefault(run_id, {}).update(values)
+                    batch.run_updates.setdefault(run_id, {}).update(_errors_escaped(values))
                 elif kind == "param":
                     batch.params.append(payload)
                 elif kind == "tag":
@@ -190,26 +226,96 @@ class Recorder:
                 self._poll_cancel()
 
     def _write(self, batch: Batch) -> None:
+        try:
+            if self._commit(batch):
+                self.error = None
+            return
+        except Exception as exc:
+            if not is_data_error(exc, self.store.engine.dialect):
+                self.error = exc
+                log.exception("recording failed")
+                return
+            log.warning("the database refused a row (%s); finding it", _first_line(exc))
+        if self._isolate(split(batch)):
+            self.error = None
+
+    def _commit(self, batch: Batch) -> bool:
+        """Write one batch, waiting out a dropped connection or a locked database for
+        up to RETRY_SECONDS. False: gave up (self.error says why). Other errors raise."""
         deadline = time.monotonic() + RETRY_SECONDS
         delay = 0.05
         while True:
             try:
                 self.store.write_batch(batch)
-                self.error = None
-                return
+                return True
             except sa.exc.OperationalError as exc:
-                # A dropped connection or a locked database: wait and write again.
                 if time.monotonic() > deadline:
                     self.error = exc
                     log.error("giving up writing to the metadata store: %s", exc)
-                    return
+                    return False
                 log.warning("metadata store write failed, retrying: %s", exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _isolate(self, parts: list[tuple[str, Any]]) -> bool:
+        """Write the parts in order, halving any group the database refuses, so only
+        the refused rows are left out. Each group is written once: a committed half is
+        never written again. False if the store became unreachable meanwhile."""
+        pending: deque[list[tuple[str, Any]]] = deque([parts])
+        while pending:
+            group = pending.popleft()
+            try:
+                if not self._commit(join(group)):
+                    return False
+                continue
             except Exception as exc:
-                self.error = exc
-                log.exception("recording failed")
-                return
+                if not is_data_error(exc, self.store.engine.dialect):
+                    self.error = exc
+                    log.exception("recording failed")
+                    return False
+                refusal = exc
+            if len(group) > 1:
+                middle = len(group) // 2
+                pending.appendleft(group[middle:])
+                pending.appendleft(group[:middle])
+            else:
+                written = self._write_fitted(group[0])
+                if written is None:
+                    return False
+                if not written:
+                    self._refuse(group[0], refusal)
+        return True
+
+    def _write_fitted(self, part: tuple[str, Any]) -> bool | None:
+        """Free text keel recorded on its own is made to fit and written. True: written;
+        False: refused; None: the store failed otherwise (self.error says how)."""
+        fit = fitted(part)
+        if fit is None:
+            return False
+        try:
+            if not self._commit(join([fit])):
+                return None
+        except Exception as exc:
+            if is_data_error(exc, self.store.engine.dialect):
+                return False
+            self.error = exc
+            log.exception("recording failed")
+            return None
+        log.warning("recorded %s with its text made to fit", fit[0])
+        return True
+
+    def _refuse(self, part: tuple[str, Any], exc: BaseException) -> None:
+        refusal = Refusal.of(part, _first_line(exc))
+        log.error(
+            "the database refused %s of run %s; it is not recorded: %s",
+            refusal.what,
+            refusal.run_id,
+            refusal.reason,
+        )
+        with self._refused_lock:
+            found = self._refused.setdefault(refusal.run_id, [])
+            if refusal not in found:  # a metric's point and its latest value: one refusal
+                found.append(refusal)
 
     def _poll_cancel(self) -> None:
         self._last_poll = time.monotonic()
@@ -227,6 +333,22 @@ class Recorder:
 
 _recorders: dict[int, Recorder] = {}
 _lock = threading.Lock()
+
+
+def _errors_escaped(row: dict[str, Any]) -> dict[str, Any]:
+    """An error message or traceback with a NUL in it (an exception's text can hold
+    anything) escaped, as on PostgreSQL, so both databases record the same text."""
+    for name in ("error_message", "traceback"):
+        text = row.get(name)
+        if text and "\x00" in text:
+            row = {**row, name: clean_text(text)}
+    return row
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def recorder_for(store: MetadataStore) -> Recorder:

@@ -7,6 +7,7 @@ Times are epoch seconds (float) so that SQLite and PostgreSQL behave alike.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -19,11 +20,30 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+from keel.store.limits import clean_text
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 
 metadata = MetaData()
+
+
+class RequestText(TypeDecorator[str]):
+    """Text as a request gave it (a URL path): a NUL character or a lone surrogate is
+    escaped when written, so recording a bad request never fails (on PostgreSQL)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return clean_text(value) if value is not None else None
+
+
+# A metric's step: 64-bit everywhere (SQLite's INTEGER already is; migration 0009).
+STEP = BigInteger().with_variant(Integer, "sqlite")
 
 runs = Table(
     "keel_runs",
@@ -196,7 +216,7 @@ metrics = Table(
     Column("key", String(250), nullable=False),
     Column("value", Float),  # NULL when is_nan: SQLite has no NaN
     Column("is_nan", Boolean, nullable=False, default=False),
-    Column("step", Integer, nullable=False, default=0),
+    Column("step", STEP, nullable=False, default=0),
     Column("timestamp", Float, nullable=False),
     Index("ix_keel_metrics_run_key", "run_id", "seq", "key", "step"),
 )
@@ -209,7 +229,7 @@ latest_metrics = Table(
     Column("key", String(250), primary_key=True),
     Column("value", Float),
     Column("is_nan", Boolean, nullable=False, default=False),
-    Column("step", Integer, nullable=False, default=0),
+    Column("step", STEP, nullable=False, default=0),
     Column("timestamp", Float, nullable=False),
     Index("ix_keel_latest_metrics_key_value", "key", "value"),
 )
@@ -444,7 +464,7 @@ audit_log = Table(
     Column("actor", String(200)),
     Column("role", String(16)),
     Column("method", String(8), nullable=False),
-    Column("path", Text, nullable=False),
+    Column("path", RequestText, nullable=False),
     Column("status", Integer, nullable=False),
     Column("detail", Text),
     Index("ix_keel_audit_at", "at"),

@@ -23,6 +23,8 @@ DEFAULT_EXPERIMENT = "Default"
 MAX_KEY_LENGTH = 250
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
+MAX_PATH_LENGTH = 1000  # a logged artifact's path (keel_logged_artifacts.path)
+MAX_NAME_LENGTH = 250  # experiment, run and model names, aliases
 
 
 @dataclass(frozen=True, slots=True)

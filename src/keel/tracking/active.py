@@ -24,9 +24,10 @@ from keel.ids import new_run_id
 from keel.sdk.context import current_runtime, current_step
 from keel.status import RunStatus
 from keel.store.config import StoreConfig
+from keel.store.limits import check_text
 from keel.store.metadata import MetadataStore, open_store
 from keel.store.recorder import Recorder, recorder_for
-from keel.store.tracking import DEFAULT_EXPERIMENT, experiment_id
+from keel.store.tracking import DEFAULT_EXPERIMENT, MAX_NAME_LENGTH, experiment_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,7 @@ def set_experiment(name: str) -> int:
     """Make `name` the experiment of runs opened from now on (created if missing)."""
     if not isinstance(name, str) or not name.strip():
         raise TrackingError(f"an experiment name must be a non-empty string, got {name!r}")
+    check_text("experiment name", name, limit=MAX_NAME_LENGTH, field="experiment name")
     global _default_experiment
     _default_experiment = name
     return experiment_id(open_store(), name)
@@ -212,6 +214,19 @@ class ActiveRun:
             )
         self.tracked.recorder.run_update(self.id, values)
         self.tracked.recorder.flush()
+        refused = self.tracked.recorder.take_refused(self.id)
+        if refused:
+            # A row the database refused (it got past the checks at the call): the run
+            # did not record everything it logged, so it did not succeed.
+            problem = refused[0].error()
+            self.tracked.store.update_run(
+                self.id,
+                status=str(RunStatus.FAILED),
+                error_type=qualified_name(type(problem)),
+                error_message=problem.message,
+            )
+            if status is RunStatus.SUCCEEDED:
+                raise problem
 
 
 def _parent_experiment(parent: TrackedRun | None) -> str | None:
@@ -246,6 +261,14 @@ def start_run(
         )
     if experiment is not None and (not isinstance(experiment, str) or not experiment.strip()):
         raise TrackingError(f"experiment must be a non-empty string, got {experiment!r}")
+    if run_name is not None:
+        check_text("run_name", run_name, field="run_name")
+    if experiment is not None:
+        check_text("experiment", experiment, limit=MAX_NAME_LENGTH, field="experiment")
+    if tags:
+        from keel.tracking.log import check_tags
+
+        check_tags(tags)  # before the run exists: a bad tag leaves no run behind
     if not nested and _local.stack:
         raise TrackingError(
             f"run {_local.stack[-1].id} is still active",

@@ -17,10 +17,17 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from keel.errors import TrackingError
+from keel.errors import InvalidValueError, TrackingError
 from keel.executors.base import StepCall, after_step_hooks
 from keel.store.artifacts import artifact_store
-from keel.store.tracking import MAX_KEY_LENGTH, MAX_PARAM_LENGTH, MAX_TAG_LENGTH, load_params
+from keel.store.limits import check_finite, check_int64, check_text
+from keel.store.tracking import (
+    MAX_KEY_LENGTH,
+    MAX_PARAM_LENGTH,
+    MAX_PATH_LENGTH,
+    MAX_TAG_LENGTH,
+    load_params,
+)
 from keel.tracking.active import TrackedRun, current
 
 _params_lock = threading.Lock()
@@ -46,7 +53,12 @@ def _check_key(kind: str, key: object) -> str:
         )
     if key.startswith("/") or ".." in key.split("/"):
         raise TrackingError(f"{kind} key {key!r} may not start with '/' or contain '..'")
-    return key
+    return check_text(f"{kind} key", key, field=f"{kind} key")
+
+
+def _check_value(kind: str, key: str, value: Any) -> str:
+    """A param's or tag's value as the text stored (NUL and lone surrogates refused)."""
+    return check_text(f"{kind} {key!r}: the value", str(value), field=f"{kind} value")
 
 
 def _mark(run: TrackedRun) -> TrackedRun:
@@ -78,7 +90,7 @@ def log_params(params: Mapping[str, Any]) -> None:
             seen = _params_seen[(run.run_id, run.seq)] = load_params(run.store, run.run_id, run.seq)
         for key, value in params.items():
             _check_key("param", key)
-            text = str(value)
+            text = _check_value("param", key, value)
             if len(text) > MAX_PARAM_LENGTH:
                 raise TrackingError(
                     f"param {key!r} is {len(text)} characters long; the limit is "
@@ -113,19 +125,32 @@ def _metric_value(key: str, value: Any) -> tuple[float | None, bool]:
         raise TrackingError(
             f"metric {key!r} must be a number, got {value!r} ({type(value).__name__})"
         ) from None
+    except OverflowError:  # an int beyond a float's range
+        raise InvalidValueError(
+            f"metric {key!r}: the value {value} is too large for a float", field="metric value"
+        ) from None
     if math.isnan(number):
         return None, True
     return number, False
 
 
+_good_metric_keys: set[str] = set()  # metric keys that passed _check_key
+
+
 def _metric_row(
     run: TrackedRun, key: str, value: Any, step: Any, timestamp: float | None
 ) -> tuple[Any, ...]:
-    # The common case (a str key, an int step) costs two type checks.
-    if type(key) is not str or not key or len(key) > MAX_KEY_LENGTH or key[0] == "/" or ".." in key:
+    # The common case (a key checked before, an int step) costs a few operations: a
+    # training loop logs the same few keys again and again.
+    if type(key) is not str or key not in _good_metric_keys:
         _check_key("metric", key)
+        if len(_good_metric_keys) < 10_000:
+            _good_metric_keys.add(key)
     number, is_nan = _metric_value(key, value)
-    if step is not None and type(step) is not int:
+    # INT64_MIN and INT64_MAX as literals: no global lookups per point.
+    if step is not None and (
+        type(step) is not int or not -9223372036854775808 <= step <= 9223372036854775807
+    ):
         step = _check_step(step)
     return (
         run.run_id,
@@ -134,7 +159,7 @@ def _metric_row(
         number,
         is_nan,
         step or 0,
-        time.time() if timestamp is None else float(timestamp),
+        time.time() if timestamp is None else _check_timestamp(timestamp),
     )
 
 
@@ -155,7 +180,19 @@ def _check_step(step: Any) -> int:
         raise TrackingError(f"a metric step must be a whole number, got {step!r}") from None
     if as_int != step:
         raise TrackingError(f"a metric step must be a whole number, got {step!r}")
-    return as_int
+    return check_int64("a metric step", as_int, field="metric step")
+
+
+def _check_timestamp(timestamp: Any) -> float:
+    """Epoch seconds, a finite float."""
+    try:
+        at = float(timestamp)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidValueError(
+            f"a metric timestamp must be epoch seconds, got {timestamp!r}",
+            field="metric timestamp",
+        ) from None
+    return check_finite("a metric timestamp", at, field="metric timestamp")
 
 
 def log_metrics(
@@ -163,7 +200,7 @@ def log_metrics(
 ) -> None:
     """Record several metrics at one step; nothing is recorded if any of them is bad."""
     run = _target()
-    at = time.time() if timestamp is None else float(timestamp)
+    at = time.time() if timestamp is None else _check_timestamp(timestamp)
     rows = [_metric_row(run, key, value, step, at) for key, value in metrics.items()]
     for row in rows:
         run.recorder.metric(row)
@@ -177,43 +214,49 @@ def set_tag(key: str, value: Any) -> None:
     set_tags({key: value})
 
 
-def set_tags(tags: Mapping[str, Any]) -> None:
-    run = _target()
-    rows = []
+def check_tags(tags: Mapping[str, Any], run_id: str | None = None) -> dict[str, str]:
+    """The tags as the texts stored, or a TrackingError for the first bad one."""
+    out: dict[str, str] = {}
     for key, value in tags.items():
         _check_key("tag", key)
-        text = str(value)
+        text = _check_value("tag", key, value)
         if len(text) > MAX_TAG_LENGTH:
             raise TrackingError(
                 f"tag {key!r} is {len(text)} characters long; the limit is {MAX_TAG_LENGTH}",
-                run_id=run.run_id,
+                run_id=run_id,
                 hint="Log long values with keel.log_text instead",
             )
-        rows.append((run.run_id, run.seq, key, text))
-    for row in rows:
-        run.recorder.tag(row)
+        out[key] = text
+    return out
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    run = _target()
+    for key, text in check_tags(tags, run.run_id).items():
+        run.recorder.tag((run.run_id, run.seq, key, text))
 
 
 # -- artifacts --------------------------------------------------------------------
 
 
 def _artifact_path(path: str) -> str:
+    if not isinstance(path, str):
+        raise TrackingError(f"an artifact path must be a string, got {path!r}")
     clean = PurePosixPath(path.replace("\\", "/"))
     if clean.is_absolute() or ".." in clean.parts or not clean.parts:
         raise TrackingError(
             f"artifact path {path!r} must be relative and stay inside the run",
             hint="Use a path like 'plots/loss.png'",
         )
-    return str(clean)
+    return check_text("artifact path", str(clean), limit=MAX_PATH_LENGTH, field="artifact path")
 
 
 def _log_bytes(run: TrackedRun, path: str, data: bytes, kind: str) -> None:
+    where = _artifact_path(path)  # checked before any byte is stored
     digest = hashlib.sha256(data).hexdigest()
     url = run.store.config.artifacts_url
     artifact_store(url).put(digest, data)
-    run.recorder.logged_artifact(
-        (run.run_id, run.seq, _artifact_path(path), digest, len(data), kind, time.time())
-    )
+    run.recorder.logged_artifact((run.run_id, run.seq, where, digest, len(data), kind, time.time()))
 
 
 def log_artifact(local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
@@ -233,7 +276,18 @@ def log_artifact(local_path: str | os.PathLike[str], artifact_path: str | None =
 
 def log_text(text: str, artifact_file: str) -> None:
     """Save `text` as the artifact `artifact_file` (e.g. 'notes/summary.txt')."""
-    _log_bytes(_target(), artifact_file, text.encode(), "text")
+    if not isinstance(text, str):
+        raise TrackingError(f"log_text needs a str, got {type(text).__name__}")
+    try:
+        data = text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidValueError(
+            f"the text for {artifact_file!r} has a lone surrogate ({text[exc.start]!r}) at "
+            f"position {exc.start}, which is not valid Unicode",
+            field="text",
+            hint="Remove it, or encode the text yourself and log the file with log_artifact",
+        ) from None
+    _log_bytes(_target(), artifact_file, data, "text")
 
 
 def log_dict(dictionary: Any, artifact_file: str) -> None:
@@ -299,6 +353,8 @@ def _flush_after_step(call: StepCall) -> None:
     run = current(start=False)
     if run is not None:
         run.recorder.flush()
+        # A row the database refused fails this step here, where it is known.
+        run.recorder.raise_refused(run.run_id, run.seq)
 
 
 after_step_hooks.append(_flush_after_step)

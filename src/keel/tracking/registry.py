@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from keel.errors import ModelNotFoundError, ModelRegistryError
 from keel.store import registry_store as rs
+from keel.store.limits import check_text
 from keel.tracking.models import (
     URI_FORMS,
     LoadedModel,
@@ -244,6 +245,8 @@ def register_model(
     clean_tags = _check_tags(tags)
     if description is not None and not isinstance(description, str):
         raise ModelRegistryError(f"description must be a string, got {type(description).__name__}")
+    if description is not None:
+        check_text("description", description, field="description")
     source_arg = model_or_uri_or_step
     store = source_arg._store if isinstance(source_arg, Step) else registry_store()
     source = _source(store, name, source_arg, flavor, signature, input_example)
@@ -559,6 +562,8 @@ def set_description(name: str, description: str | None, version: int | str | Non
     store = registry_store()
     if description is not None and not isinstance(description, str):
         raise ModelRegistryError(f"description must be a string, got {type(description).__name__}")
+    if description is not None:
+        check_text("description", description, field="description")
     if version is None:
         check_name(name)
         rs.set_model_description(store, name, description, actor())

@@ -19,12 +19,14 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 
 from keel import errors as keel_errors
 from keel.server.auth import Principal
 from keel.server.deps import get_store, require
 from keel.server.errors import ApiError
+from keel.store.limits import INT64_MAX, INT64_MIN, shown, text_problem
 from keel.store.metadata import MetadataStore
 
 log = logging.getLogger("keel.server.mlflow")
@@ -99,6 +101,12 @@ def as_mlflow_error(exc: Exception) -> MlflowError | None:
     if isinstance(exc, HTTPException):
         status = "ENDPOINT_NOT_FOUND" if exc.status_code == 404 else "BAD_REQUEST"
         return MlflowError(status, str(exc.detail))
+    if isinstance(exc, sa_exc.DataError | UnicodeError | OverflowError):
+        # A value the checks did not catch and the database (or its driver) could not
+        # hold: the request's fault, not the server's.
+        orig = getattr(exc, "orig", None) or exc
+        detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        return invalid(f"the database refused a value of the request: {detail}")
     return None
 
 
@@ -147,13 +155,55 @@ def ms(seconds: float | None) -> int | None:
 
 
 def seconds(value: Any, what: str) -> float | None:
-    """Epoch milliseconds (a number or a decimal string) as epoch seconds."""
+    """Epoch milliseconds (a number or a decimal string, 64-bit as in MLflow) as epoch
+    seconds."""
     if value is None or value == "":
         return None
     try:
-        return int(value) / 1000.0
-    except (TypeError, ValueError):
+        millis = int(value)
+    except (TypeError, ValueError, OverflowError):
         raise invalid(f"{what} must be epoch milliseconds, got {value!r}") from None
+    return whole(millis, what) / 1000.0
+
+
+def whole(value: int, what: str) -> int:
+    """`value` if it fits in 64 bits (MLflow's int64 fields), else a 400 naming `what`."""
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise invalid(f"{what} {value} is out of range: it must fit in 64 bits")
+    return value
+
+
+# Integer columns of keel's ids (experiment ids, model versions, step positions) are
+# 32-bit on PostgreSQL: a larger number names nothing, so it is looked up as nothing.
+_MAX_ID = 2**31 - 1
+
+
+def stored_id(text: str) -> int | None:
+    """The id `text` spells in ASCII digits, or None if it cannot name a stored row."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return None
+    number = int(text)
+    return number if number <= _MAX_ID else None
+
+
+def check_texts(value: Any, where: str = "") -> None:
+    """Every string in the request (keys too) must be storable: no NUL character, no
+    lone surrogate. A 400 names the field, e.g. `tags[0].value`."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None:
+            raise invalid(f"{where or 'a value'} {shown(value)} has {problem}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and text_problem(key) is not None:
+                raise invalid(
+                    f"a field name in {where or 'the request'} {shown(key)} has {text_problem(key)}"
+                )
+            check_texts(item, path)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_texts(item, f"{where}[{index}]")
 
 
 # -- arguments ----------------------------------------------------------------------------
@@ -175,6 +225,7 @@ async def _args(request: Request) -> dict[str, Any]:
             if not isinstance(body, dict):
                 raise MlflowError("BAD_REQUEST", "the request body must be a JSON object")
             args.update(body)
+    check_texts(args)
     return args
 
 
@@ -245,7 +296,7 @@ def decode_token(token: Any) -> int:
         return 0
     try:
         offset = json.loads(base64.urlsafe_b64decode(str(token).encode()))["offset"]
-        if isinstance(offset, int) and offset >= 0:
+        if isinstance(offset, int) and 0 <= offset <= _MAX_ID:
             return offset
     except (ValueError, KeyError, TypeError, binascii.Error):
         pass

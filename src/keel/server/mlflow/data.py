@@ -32,6 +32,7 @@ from keel.server.mlflow.common import (
     reply,
     seconds,
     text_arg,
+    whole,
 )
 from keel.server.mlflow.mapping import NAME_TAG, PARENT_TAG, USER_TAG, Tracked, find
 from keel.store.metadata import Batch, MetadataStore
@@ -85,13 +86,14 @@ def metric_row(t: Tracked, item: Any) -> tuple[Any, ...]:
         raise invalid(f"metric {key!r} needs a numeric value, got {raw!r}")
     try:
         value = float(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise invalid(f"metric {key!r} needs a numeric value, got {raw!r}") from None
     try:
         step = int(item.get("step") or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise invalid(f"metric {key!r}: step must be a whole number") from None
-    at = seconds(item.get("timestamp"), "timestamp")
+    whole(step, f"metric {key!r}: step")
+    at = seconds(item.get("timestamp"), f"metric {key!r}: timestamp")
     is_nan = math.isnan(value)
     return (t.run_id, t.seq, key, None if is_nan else value, is_nan, step, at or time.time())
 

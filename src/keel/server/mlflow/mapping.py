@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from keel.server.mlflow.common import ms, not_found, number, pairs
+from keel.server.mlflow.common import ms, not_found, number, pairs, stored_id
 from keel.store.metadata import MetadataStore
 from keel.store.schema import experiments, latest_metrics, params, runs, steps, tags
 from keel.store.tracking import DEFAULT_EXPERIMENT, experiment_id
@@ -71,9 +71,10 @@ def exp_in(store: MetadataStore, mlflow_id: Any) -> int:
     text = str(mlflow_id).strip()
     if text == DEFAULT_ID:
         return experiment_id(store, DEFAULT_EXPERIMENT)
-    if not text.isdigit():
+    number = stored_id(text)
+    if number is None:
         raise not_found(f"no experiment with id {text!r}")
-    return int(text)
+    return number
 
 
 def artifact_root(exp: str) -> str:
@@ -135,16 +136,17 @@ def find(store: MetadataStore, mlflow_id: str) -> Tracked:
         if row is not None:
             return from_run(row)
         head, _, tail = mlflow_id.rpartition("-")
-        if head and tail.isdigit():
+        seq = stored_id(tail)
+        if head and seq is not None:
             parent = conn.execute(sa.select(runs).where(runs.c.id == head)).first()
             step = conn.execute(
-                sa.select(steps).where(steps.c.run_id == head, steps.c.seq == int(tail))
+                sa.select(steps).where(steps.c.run_id == head, steps.c.seq == seq)
             ).first()
             if parent is not None and step is not None:
                 return Tracked(
                     mlflow_id=mlflow_id,
                     run_id=head,
-                    seq=int(tail),
+                    seq=seq,
                     experiment_id=parent.experiment_id,
                     name=step.key,
                     status=step.status,

@@ -41,6 +41,7 @@ from keel.server.mlflow.common import (
     not_found,
     pairs,
     reply,
+    stored_id,
     text_arg,
 )
 from keel.server.mlflow.data import check_tags
@@ -122,7 +123,8 @@ def _version_row(store: MetadataStore, args: dict[str, Any]) -> Any:
     name = text_arg(args, "name")
     _model_row(store, name)
     text = text_arg(args, "version")
-    row = rs.get_version(store, name, int(text)) if text.isdigit() else None
+    number = stored_id(text)
+    row = rs.get_version(store, name, number) if number is not None else None
     if row is None:
         raise not_found(f"Model Version (name={name}, version={text}) not found")
     return row

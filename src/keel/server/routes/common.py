@@ -16,6 +16,7 @@ from sqlalchemy.engine import Row
 from keel.server.auth import Principal
 from keel.server.deps import get_store, require
 from keel.server.errors import ApiError
+from keel.store.limits import shown, text_problem
 from keel.store.metadata import MetadataStore
 from keel.store.schema import steps
 
@@ -59,7 +60,33 @@ AUTH = [Security(BEARER)]
 Viewer = Annotated[Principal, Depends(require("viewer"))]
 Operator = Annotated[Principal, Depends(require("operator"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
-Store = Annotated[MetadataStore, Depends(get_store)]
+
+
+def _checked_store(
+    request: Request, store: Annotated[MetadataStore, Depends(get_store)]
+) -> MetadataStore:
+    """The store, once the request's path and query values are known to be storable:
+    a NUL character (which PostgreSQL refuses, and SQLite would look up) is a 400
+    naming the parameter on both databases. (JSON bodies are pydantic models, which
+    refuse lone surrogates themselves.)"""
+    for where, items in (
+        ("path parameter", request.path_params.items()),
+        ("query parameter", request.query_params.multi_items()),
+    ):
+        for name, value in items:
+            problem = text_problem(value) if isinstance(value, str) else None
+            if problem is not None:
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"{where} {name!r}: {shown(value)} has {problem}",
+                    {"field": name},
+                )
+    return store
+
+
+# The store for a route; every route takes it, so every route checks its parameters.
+Store = Annotated[MetadataStore, Depends(_checked_store)]
 
 
 def app_state(request: Request) -> Any:
