@@ -196,3 +196,8 @@ class SignatureError(KeelError):
 class ScheduleError(DefinitionError):
     """A schedule, backfill or trigger is defined wrongly (a bad cron expression, an
     unknown time zone, an end before its start) or names one that does not exist."""
+
+
+class InputDataError(KeelError):
+    """Data given for batch prediction cannot be read (a missing file, an unknown
+    format, a corrupt table) or cannot be split into rows."""
