@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from server_support import live_server, wait_until
 
 import keel
 from conftest import IN_CI, PG_URL
@@ -26,6 +25,7 @@ from keel.serving.workflow_app import create_workflow_app, jsonable
 from keel.store import schema
 from keel.store.config import StoreConfig
 from keel.store.metadata import MetadataStore, open_store
+from server_support import live_server, wait_until
 
 FLOWS = Path(__file__).parent / "flows" / "serving_flows.py"
 CONCURRENT = 32
@@ -139,7 +139,9 @@ def test_bad_input_is_a_400_or_a_422_naming_the_parameter(served: Served, mode: 
     assert "'n'" in error["message"] and "int" in error["message"]
     error = errors_of(httpx.post(url, json={"scale": 2}, timeout=60), 422, "invalid_parameter")
     assert "needs parameter 'n'" in error["message"]
-    error = errors_of(httpx.post(url, json={"n": 1, "size": 3}, timeout=60), 422, "invalid_parameter")
+    error = errors_of(
+        httpx.post(url, json={"n": 1, "size": 3}, timeout=60), 422, "invalid_parameter"
+    )
     assert "'size'" in error["message"] and "n: int" in error["details"]["parameters"]
     error = errors_of(httpx.post(url, content=b'{"n": 1', timeout=60), 400, "bad_json")
     assert "not valid JSON" in error["message"]
@@ -203,7 +205,9 @@ def test_runs_starts_a_durable_run_and_answers_202_at_once(served: Served) -> No
     body = wait_until(finished, f"run {run_id} to finish")
     assert body["status"] == "SUCCEEDED" and body["result"] == expected(4, 3.0)
     assert keel.Client(store=served.store).run(run_id).result()["sum"] == 18.0
-    errors_of(httpx.post(f"{served.recorded}/runs", json={"n": "x"}, timeout=60), 422, "invalid_parameter")
+    errors_of(
+        httpx.post(f"{served.recorded}/runs", json={"n": "x"}, timeout=60), 422, "invalid_parameter"
+    )
     errors_of(httpx.get(f"{served.recorded}/runs/nope", timeout=60), 404, "run_not_found")
 
 
@@ -218,7 +222,9 @@ def test_ephemeral_runs_write_nothing_to_the_store(served: Served) -> None:
     failed = httpx.post(f"{served.ephemeral}/run", json={"n": 2, "fail": True}, timeout=60)
     assert failed.status_code == 500
     assert row_counts(served.store) == before
-    errors_of(httpx.post(f"{served.ephemeral}/runs", json={"n": 1}, timeout=60), 409, "not_recorded")
+    errors_of(
+        httpx.post(f"{served.ephemeral}/runs", json={"n": 1}, timeout=60), 409, "not_recorded"
+    )
 
 
 def test_models_loaded_in_tasks_are_cached_and_follow_their_alias(served: Served) -> None:

@@ -94,7 +94,9 @@ def write_table(table: Any, path: str | Path) -> int:
     frame = table if pd is not None and isinstance(table, pd.DataFrame) else None
     if frame is None:
         if pd is None:
-            raise InputDataError("writing parquet or CSV files needs pandas", hint="pip install pandas")
+            raise InputDataError(
+                "writing parquet or CSV files needs pandas", hint="pip install pandas"
+            )
         frame = pd.DataFrame(_columns(table, "prediction"))
     if _format(file, "output") == "csv":
         frame.to_csv(file, index=False)

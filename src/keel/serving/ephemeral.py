@@ -188,4 +188,3 @@ def run_ephemeral(
         return workflow.fn(**params)
     finally:
         set_runtime(previous)
-

@@ -204,7 +204,6 @@ def create_workflow_app(
     pool. `model_check_interval`: seconds between alias checks of loaded models."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
