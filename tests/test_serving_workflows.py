@@ -211,6 +211,13 @@ def test_runs_starts_a_durable_run_and_answers_202_at_once(served: Served) -> No
     errors_of(httpx.get(f"{served.recorded}/runs/nope", timeout=60), 404, "run_not_found")
 
 
+def test_recorded_calls_are_tracked(served: Served) -> None:
+    reply = httpx.post(f"{served.recorded}/run", json={"n": 3, "log": True}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    run = keel.Client(store=served.store).run(reply.json()["run_id"])
+    assert run.step("total").data.metrics == {"parts": 3.0}
+
+
 # -- ephemeral mode ----------------------------------------------------------------------
 
 
@@ -221,6 +228,11 @@ def test_ephemeral_runs_write_nothing_to_the_store(served: Served) -> None:
         assert reply.json()["result"] == expected(n, 1.0)
     failed = httpx.post(f"{served.ephemeral}/run", json={"n": 2, "fail": True}, timeout=60)
     assert failed.status_code == 500
+    # A tracking call has no run to land in: refused, not written under a made-up id.
+    logged = httpx.post(f"{served.ephemeral}/run", json={"n": 2, "log": True}, timeout=60)
+    error = errors_of(logged, 500, "workflow_failed")
+    assert error["details"]["type"] == "keel.errors.TrackingError"
+    assert "runs ephemeral" in error["message"]
     assert row_counts(served.store) == before
     errors_of(
         httpx.post(f"{served.ephemeral}/runs", json={"n": 1}, timeout=60), 409, "not_recorded"

@@ -20,17 +20,19 @@ def scaled(x: int, scale: float) -> float:
 
 
 @keel.task
-def total(parts: list[float], fail: bool) -> float:
+def total(parts: list[float], fail: bool, log: bool) -> float:
     if fail:
         raise ValueError(f"asked to fail after {len(parts)} parts")
+    if log:
+        keel.log_metric("parts", len(parts))
     return float(sum(parts))
 
 
 @keel.workflow
-def pipeline(n: int, scale: float = 1.0, fail: bool = False) -> dict[str, Any]:
+def pipeline(n: int, scale: float = 1.0, fail: bool = False, log: bool = False) -> dict[str, Any]:
     """n scaled numbers summed by a second step; the result holds a numpy array."""
     parts = scaled.map(range(n), scale=scale)
-    return {"n": n, "sum": total(parts, fail), "squares": np.arange(n) ** 2}
+    return {"n": n, "sum": total(parts, fail, log), "squares": np.arange(n) ** 2}
 
 
 @keel.task

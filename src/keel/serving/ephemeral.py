@@ -51,11 +51,61 @@ def _resolved(value: Any) -> Any:
     return value
 
 
+class _Job:
+    """One step ready to run: by a pool thread, or by whoever waits for it first."""
+
+    __slots__ = ("args", "claimed", "future", "kwargs", "runtime", "task")
+
+    def __init__(
+        self,
+        runtime: EphemeralRuntime,
+        task: Task[Any, Any],
+        future: EphemeralFuture,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.runtime = runtime
+        self.task = task
+        self.future = future
+        self.args = args
+        self.kwargs = kwargs
+        self.claimed = False
+
+    def claim(self) -> bool:
+        with self.runtime.lock:
+            if self.claimed:
+                return False
+            self.claimed = True
+            return True
+
+    def run_if_unclaimed(self) -> None:
+        if self.claim():
+            self.runtime._run(self.task, self.future, self.args, self.kwargs)
+
+
+class EphemeralFuture(StepFuture[Any]):
+    """A step's future whose `result()` runs the step on the waiting thread when no
+    pool thread has started it yet: `t(x)` in a body then costs no thread hand-off."""
+
+    __slots__ = ("job",)
+
+    def __init__(self, owner: EphemeralRuntime, seq: int, key: str) -> None:
+        super().__init__(owner, seq, key)
+        self.job: _Job | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        job = self.job
+        if job is not None and not self.done_flag and job.claim():
+            job.runtime._run(job.task, self, job.args, job.kwargs)
+        return super().result(timeout)
+
+
 class EphemeralRuntime:
     """One in-memory run of a workflow body; see the module's docstring."""
 
     def __init__(self, pool: Executor, *, db_url: str = "", artifacts_url: str = "") -> None:
         self.run_id = f"ephemeral-{next(_ids)}"
+        self.recorded = False  # tracking calls are refused (tracking/active.py)
         # The store a task's `keel.load_model` reads models from (nothing is written).
         self.db_url = db_url
         self.artifacts_url = artifacts_url
@@ -72,13 +122,13 @@ class EphemeralRuntime:
         self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> StepFuture[Any]:
         seq = next(self._seq)
-        future: StepFuture[Any] = StepFuture(self, seq, f"{task.name}-{seq}")
+        future = EphemeralFuture(self, seq, f"{task.name}-{seq}")
         deps: list[StepFuture[Any]] = []
         _futures_in(args, deps)
         _futures_in(kwargs, deps)
         pending = [d for d in deps if not d.done()]
         if not pending:
-            self._pool.submit(self._run, task, future, args, kwargs)
+            self._queue(future, task, args, kwargs)
             return future
         remaining = [len(pending)]
 
@@ -87,11 +137,22 @@ class EphemeralRuntime:
                 remaining[0] -= 1
                 go = remaining[0] == 0
             if go:
-                self._pool.submit(self._run, task, future, args, kwargs)
+                self._queue(future, task, args, kwargs)
 
         for dep in pending:
             dep.add_done_callback(ready)
         return future
+
+    def _queue(
+        self,
+        future: EphemeralFuture,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        job = _Job(self, task, future, args, kwargs)
+        future.job = job
+        self._pool.submit(job.run_if_unclaimed)
 
     def map_task(
         self, task: Task[Any, Any], items: Iterable[Any], common: Mapping[str, Any]
@@ -144,6 +205,7 @@ class EphemeralRuntime:
             seq=future.seq,
             db_url=self.db_url or None,
             artifacts_url=self.artifacts_url or None,
+            recorded=False,
         )
         previous = set_step(step)
         try:
