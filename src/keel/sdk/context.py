@@ -58,8 +58,8 @@ class StepContext:
     # The store the run records to, so that code in the step (tracking) writes there too.
     db_url: str | None = None
     artifacts_url: str | None = None
-    # False in an ephemeral (served, unrecorded) run: tracking calls are refused there.
-    recorded: bool = True
+    # True in an ephemeral (served, unrecorded) run: tracking calls are refused there.
+    ephemeral: bool = False
 
 
 class _Local(threading.local):

@@ -105,7 +105,7 @@ class EphemeralRuntime:
 
     def __init__(self, pool: Executor, *, db_url: str = "", artifacts_url: str = "") -> None:
         self.run_id = f"ephemeral-{next(_ids)}"
-        self.recorded = False  # tracking calls are refused (tracking/active.py)
+        self.ephemeral = True  # tracking calls are refused (tracking/active.py)
         # The store a task's `keel.load_model` reads models from (nothing is written).
         self.db_url = db_url
         self.artifacts_url = artifacts_url
@@ -205,7 +205,7 @@ class EphemeralRuntime:
             seq=future.seq,
             db_url=self.db_url or None,
             artifacts_url=self.artifacts_url or None,
-            recorded=False,
+            ephemeral=True,
         )
         previous = set_step(step)
         try:

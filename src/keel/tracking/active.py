@@ -64,7 +64,7 @@ def current(*, start: bool = True) -> TrackedRun | None:
         return _local.stack[-1].tracked
     step = current_step()
     if step is not None:
-        if not step.recorded:
+        if step.ephemeral:
             _refuse_unrecorded(start)
             return None
         if _local.step_key is not step:  # one lookup per step, not per call
@@ -75,7 +75,7 @@ def current(*, start: bool = True) -> TrackedRun | None:
         return _local.step_run
     runtime = current_runtime()
     if runtime is not None:
-        if not getattr(runtime, "recorded", True):
+        if getattr(runtime, "ephemeral", False):
             _refuse_unrecorded(start)
             return None
         store = _store_for(runtime.db_url, runtime.artifacts_url)
@@ -98,7 +98,7 @@ def _refuse_unrecorded(start: bool) -> None:
 def unrecorded_store() -> MetadataStore | None:
     """The store an ephemeral step or body reads models from (its server's), if any."""
     where: Any = current_step() or current_runtime()
-    if where is None or getattr(where, "recorded", True) or not where.db_url:
+    if where is None or not getattr(where, "ephemeral", False) or not where.db_url:
         return None
     return _store_for(where.db_url, where.artifacts_url or None)
 
