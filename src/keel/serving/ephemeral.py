@@ -1,9 +1,11 @@
 """Run a workflow in memory: its steps are plain calls, nothing is recorded.
 
 `EphemeralRuntime` implements the SDK's `WorkflowRuntime` protocol without the
-engine: `t(x)`, `t.submit(x)` and `t.map(xs)` run the task on a thread pool and
-hand back futures that hold the live value; a future passed to another task is
-waited for before that task is queued, so pool threads never block on each other.
+engine: `t.submit(x)` and `t.map(xs)` run the task on a thread pool and hand back
+futures that hold the live value; a future passed to another task is waited for
+before that task is queued, so pool threads never block on each other. `t(x)`, and
+a future waited for before a pool thread took it, run on the waiting thread: a
+sequential pipeline costs no thread hand-offs.
 There is no store, no replay, no retry, no cache: this is for request-sized
 inference pipelines (preprocess -> model -> postprocess) where the latency of a
 durable record per step is not wanted. Durable waits and signals have no meaning
@@ -153,6 +155,13 @@ class EphemeralRuntime:
         job = _Job(self, task, future, args, kwargs)
         future.job = job
         self._pool.submit(job.run_if_unclaimed)
+
+    def call_task(self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """`t(x)` in the body: run the step here (its inputs are waited for first)."""
+        seq = next(self._seq)
+        future = EphemeralFuture(self, seq, f"{task.name}-{seq}")
+        self._run(task, future, args, kwargs)
+        return future.result()
 
     def map_task(
         self, task: Task[Any, Any], items: Iterable[Any], common: Mapping[str, Any]
