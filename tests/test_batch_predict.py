@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import keel
-from flows.serving_flows import CountingDoubler, Offset
+from flows.serving_flows import CountingDoubler, FailsUntil, Offset
 from keel.cli.main import app
 from keel.errors import DefinitionError, ParameterError
 
@@ -83,6 +83,28 @@ def test_batch_predict_outside_a_workflow(backend: str, tmp_path: Path) -> None:
     with pytest.raises(ParameterError, match="chunk_size"):
         keel.batch_predict("models:/offset/1", path, chunk_size=0)
     assert "batch_predict" in keel.__all__
+
+
+def test_a_resume_refuses_an_input_file_that_changed(backend: str, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    keel.register_model("flaky", FailsUntil(str(ready)))
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"x": [1.0, 2.0, 3.0]}).to_csv(source, index=False)
+    from keel.serving.batch import predict_file
+
+    failed = keel.run(predict_file, model_uri="models:/flaky/1", input_path=str(source))
+    assert failed.status == "FAILED"
+    ready.touch()
+    original = source.read_bytes()
+    source.write_bytes(original + b"4.0\n")
+
+    keel.resume(failed.id)
+
+    run = keel.Client().run(failed.id)
+    assert run.status == "FAILED" and run.error_type == "keel.errors.InputDataError"
+    assert "changed since this run started" in (run.error_message or "")
+    source.write_bytes(original)  # the same rows again: the resume goes through
+    assert keel.resume(failed.id).result()["prediction"].tolist() == [2.0, 4.0, 6.0]
 
 
 def cli(*args: str | Path) -> tuple[int, str]:

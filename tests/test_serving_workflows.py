@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 import keel
 from conftest import IN_CI, PG_URL
-from flows.serving_flows import Offset
+from flows.serving_flows import Offset, Unloadable
 from keel.serving.workflow_app import create_workflow_app, jsonable
 from keel.store import schema
 from keel.store.config import StoreConfig
@@ -261,6 +261,38 @@ def test_models_loaded_in_tasks_are_cached_and_follow_their_alias(served: Served
     assert seen == {"score": 1001.5, "offset": 1000.0}
     health = httpx.get(f"{served.models}/health", timeout=60).json()
     assert {"uri": uri, "version": second.version, "error": None} in health["models"]
+
+
+def test_a_version_that_cannot_load_is_reported_and_the_old_one_keeps_serving(
+    served: Served,
+) -> None:
+    name = f"broken-{uuid.uuid4().hex[:6]}"
+    good = keel.register_model(name, Offset(5.0))
+    bad = keel.register_model(name, Unloadable(7.0))
+    fixed = keel.register_model(name, Offset(9.0))
+    keel.models.set_alias(name, "live", good.version)
+    uri = f"models:/{name}@live"
+
+    def offset() -> float:
+        reply = httpx.post(f"{served.models}/run", json={"x": 0.0, "uri": uri}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        return float(reply.json()["result"]["offset"])
+
+    def cache_entry() -> dict[str, Any]:
+        models = httpx.get(f"{served.models}/health", timeout=60).json()["models"]
+        [entry] = [m for m in models if m["uri"] == uri]
+        return entry  # type: ignore[no-any-return]
+
+    assert offset() == 5.0
+    keel.models.set_alias(name, "live", bad.version)
+    # Requests keep coming: each is answered by the loaded version while the reload fails.
+    broken = wait_until(lambda: offset() == 5.0 and cache_entry()["error"], "the failed reload")
+    assert f"cannot load models:/{name}/{bad.version}" in broken
+    assert "this version cannot load here" in broken
+    assert cache_entry()["version"] == good.version
+    keel.models.set_alias(name, "live", fixed.version)
+    wait_until(lambda: offset() == 9.0, "the fixed version")
+    assert cache_entry() == {"uri": uri, "version": fixed.version, "error": None}
 
 
 def test_results_become_json() -> None:

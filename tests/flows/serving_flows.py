@@ -77,3 +77,26 @@ class CountingDoubler:
                     raise TimeoutError(f"gate {self.gate} never appeared")
                 time.sleep(0.01)
         return frame["x"].to_numpy() * 2
+
+
+class FailsUntil:
+    """Doubles column `x`, but raises until the file `ready` exists."""
+
+    def __init__(self, ready: str) -> None:
+        self.ready = ready
+
+    def predict(self, frame: Any) -> Any:
+        if not os.path.exists(self.ready):
+            raise RuntimeError("not ready yet")
+        return frame["x"].to_numpy() * 2
+
+
+def _refuse_to_load() -> None:
+    raise RuntimeError("this version cannot load here")
+
+
+class Unloadable(Offset):
+    """Saves fine, fails when loaded (as a version whose library is missing would)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, ())
