@@ -99,7 +99,7 @@ def serve(kind: str, port: int) -> None:
     if kind == "keel":
         app = create_workflow_app(f"{HERE}:classify", ephemeral=True)
     else:
-        model_cache.install()
+        model_cache.install()  # the same cache the keel app installs while it runs
         app = floor_app()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 

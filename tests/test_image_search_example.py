@@ -13,6 +13,7 @@ import keel
 from keel.sdk.loader import load_workflow
 from keel.serving.workflow_app import create_workflow_app
 from keel.store.metadata import open_store
+from keel.tracking import models
 from server_support import live_server
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "image_search.py"
@@ -43,5 +44,7 @@ def test_image_search_builds_registers_and_serves(backend: str) -> None:
             assert short.status_code == 422 and "'image'" in short.json()["error"]["message"]
             dark = client.post("/run", json={"image": [-1.0] * 64})
             assert dark.status_code == 422, dark.text
+    # A stopped app leaves keel.load_model as it found it (no cache in other code).
+    assert models._load_hook is None
     recorded = keel.Client().runs(workflow="search")
     assert len(recorded) == 3 and all(r.status == "SUCCEEDED" for r in recorded)

@@ -175,12 +175,30 @@ def shared() -> ModelCache:
         return _shared
 
 
+_installed = 0
+
+
 def install(check_interval: float | None = None) -> ModelCache:
-    """Make `keel.load_model` answer from the process's cache; returns the cache."""
+    """Make `keel.load_model` answer from the process's cache until as many
+    `uninstall()` calls (a serving app installs it while it runs); returns the cache."""
+    global _installed
     from keel.tracking.models import set_load_hook
 
     cache = shared()
     if check_interval is not None:
         cache.check_interval = check_interval
-    set_load_hook(cache.get)
+    with _shared_lock:
+        _installed += 1
+        set_load_hook(cache.get)
     return cache
+
+
+def uninstall() -> None:
+    """Undo one `install()`; the last one makes `keel.load_model` load every time again."""
+    global _installed
+    from keel.tracking.models import set_load_hook
+
+    with _shared_lock:
+        _installed = max(0, _installed - 1)
+        if _installed == 0:
+            set_load_hook(None)

@@ -13,7 +13,8 @@
 
 Errors are JSON `{"error": {"code", "message", "details"}}` like the REST API's:
 400 bad JSON, 422 a parameter (named), 500 a workflow that raised (its type and
-message); the server stays up. `keel.load_model` inside the workflow's tasks is
+message); the server stays up. While the app runs (between its lifespan's startup
+and shutdown), `keel.load_model` in the process, so in the workflow's tasks, is
 answered from the process's model cache, which follows aliases (model_cache.py).
 """
 
@@ -95,7 +96,7 @@ class WorkflowEndpoint:
         self._store = store
         self._store_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(step_threads, thread_name_prefix="keel-serve-step")
-        self.cache = model_cache.install()
+        self.cache = model_cache.shared()
         # Ephemeral runs open no store here (opening one may migrate it: a write);
         # tasks that load models read the store named by the environment.
         self.db_url = store.url if store is not None else ""
@@ -280,8 +281,13 @@ def create_workflow_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        endpoint.close()
+        # While the app runs, `keel.load_model` in the process answers from the cache.
+        model_cache.install()
+        try:
+            yield
+        finally:
+            model_cache.uninstall()
+            endpoint.close()
 
     app = Starlette(
         routes=[
