@@ -32,6 +32,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("b8_schedules.py", [], ["--ticks", "5", "--n", "200", "--repeat", "1"]),
     ("b9_workers.py", [], ["--n", "200", "--workers", "1", "2", "--leases", "2"]),
     ("b10_server.py", [], ["--runs", "10000", "--requests", "50", "--batches", "10"]),
+    ("b11_serving_workflows.py", [], ["--requests", "300"]),
 ]
 
 

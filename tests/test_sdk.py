@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+from pydantic import Field
 
 import keel
 from keel.errors import DefinitionError, KeelError, ParameterError
@@ -341,3 +342,14 @@ def test_async_task_inside_a_workflow(backend: str) -> None:
         return async_inc(async_inc(x))
 
     assert keel.run(wf, x=1).result() == 3
+
+
+def test_annotated_constraints_on_parameters_are_checked() -> None:
+    @keel.workflow(name="sdk_constrained")
+    def constrained(k: Annotated[int, Field(ge=1)] = 5) -> int:
+        return k
+
+    assert constrained.validate({"k": "3"}) == {"k": 3}
+    assert constrained.validator.describe() == "k: int=5"
+    with pytest.raises(ParameterError, match=r"parameter 'k' .* expects int, got 0.*greater than"):
+        constrained.validate({"k": 0})

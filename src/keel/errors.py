@@ -242,3 +242,8 @@ class ArtifactWriteError(KeelError):
 class ArtifactIntegrityError(KeelError):
     """A stored file no longer holds the bytes it was recorded with: it was changed
     after it was written. keel refuses to register or load it."""
+
+
+class InputDataError(KeelError):
+    """Data given for batch prediction cannot be read (a missing file, an unknown
+    format, a corrupt table) or cannot be split into rows."""

@@ -17,6 +17,7 @@ from keel.cli import (
     cache,
     logs,
     models_cmds,
+    predict_cmds,
     running,
     runs,
     schedule_cmds,
@@ -173,6 +174,7 @@ triggers_app.command("fire")(schedule_cmds.triggers_fire)
 app.add_typer(triggers_app)
 app.command("scheduler")(schedule_cmds.scheduler)
 
+app.command("predict")(predict_cmds.predict)
 app.command("server")(server_cmds.server)
 app.command("ui")(server_cmds.ui)
 token_app = _group("token", "API tokens for keel server: viewer, operator or admin.")

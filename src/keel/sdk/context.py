@@ -21,7 +21,12 @@ if TYPE_CHECKING:
 
 
 class WorkflowRuntime(Protocol):
-    """What the engine offers to SDK calls made inside a workflow body."""
+    """What the engine offers to SDK calls made inside a workflow body.
+
+    A runtime may also offer `call_task(task, args, kwargs)`, which `t(x)` then uses
+    to run a call that is waited for at once on the caller's thread (the ephemeral
+    runtime of keel/serving does; the engine records every call as a step instead).
+    """
 
     run_id: str
     db_url: str
@@ -58,6 +63,8 @@ class StepContext:
     # The store the run records to, so that code in the step (tracking) writes there too.
     db_url: str | None = None
     artifacts_url: str | None = None
+    # True in an ephemeral (served, unrecorded) run: tracking calls are refused there.
+    ephemeral: bool = False
 
 
 class _Local(threading.local):

@@ -19,6 +19,8 @@ from keel.errors import ParameterError
 def _type_label(tp: Any) -> str:
     if tp is inspect.Parameter.empty:
         return "any"
+    if typing.get_origin(tp) is typing.Annotated:
+        tp = tp.__origin__  # `Annotated[int, Field(ge=1)]` reads as int
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -28,7 +30,8 @@ class ParamValidator:
 
         self.workflow = workflow
         try:
-            hints = typing.get_type_hints(fn)
+            # With extras: constraints given as Annotated[int, Field(ge=1)] are checked.
+            hints = typing.get_type_hints(fn, include_extras=True)
         except Exception:
             hints = {}
         self.params: dict[str, inspect.Parameter] = {}

@@ -65,6 +65,9 @@ def current(*, start: bool = True) -> TrackedRun | None:
         return _local.stack[-1].tracked
     step = current_step()
     if step is not None:
+        if step.ephemeral:
+            _refuse_unrecorded(start)
+            return None
         if _local.step_key is not step:  # one lookup per step, not per call
             store = _store_for(step.db_url, step.artifacts_url)
             seq = step.seq if step.seq is not None else -1
@@ -73,11 +76,32 @@ def current(*, start: bool = True) -> TrackedRun | None:
         return _local.step_run
     runtime = current_runtime()
     if runtime is not None:
+        if getattr(runtime, "ephemeral", False):
+            _refuse_unrecorded(start)
+            return None
         store = _store_for(runtime.db_url, runtime.artifacts_url)
         return TrackedRun(runtime.run_id, -1, store, recorder_for(store))
     if not start:
         return None
     return _auto_started().tracked
+
+
+def _refuse_unrecorded(start: bool) -> None:
+    """A logging call (`start`) in an ephemeral run has no run to land in: refused,
+    rather than written under a run id that does not exist."""
+    if start:
+        raise TrackingError(
+            "this step runs ephemeral (served without recording): there is no run to log to",
+            hint="Serve the workflow in recorded mode (without --ephemeral) to track it",
+        )
+
+
+def unrecorded_store() -> MetadataStore | None:
+    """The store an ephemeral step or body reads models from (its server's), if any."""
+    where: Any = current_step() or current_runtime()
+    if where is None or not getattr(where, "ephemeral", False) or not where.db_url:
+        return None
+    return _store_for(where.db_url, where.artifacts_url or None)
 
 
 def _auto_started() -> ActiveRun:

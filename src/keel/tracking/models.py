@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -404,12 +404,26 @@ def load_source(store: MetadataStore, source: ModelSource, uri: str) -> LoadedMo
     )
 
 
+# Serves `load_model` from a cache when set: a serving process installs one
+# (keel/serving/model_cache.py) so a task that loads its model on every request does
+# not read and unpickle it each time. It gets the URI and the uncached loader.
+LoadHook = Callable[[str, Callable[[str], "LoadedModel"]], "LoadedModel"]
+_load_hook: LoadHook | None = None
+
+
+def set_load_hook(hook: LoadHook | None) -> LoadHook | None:
+    """Install (or, with None, remove) the process-wide `load_model` hook; returns
+    the previous one."""
+    global _load_hook
+    previous, _load_hook = _load_hook, hook
+    return previous
+
+
 def load_model(model_uri: Any) -> LoadedModel:
     """The live model behind `models:/NAME/VERSION`, `models:/NAME@ALIAS`,
     `models:/NAME/latest`, `runs:/RUN_ID/[STEP_KEY/]NAME` or `runs:/RUN_ID/STEP_KEY`."""
     from keel.tracking import registry
 
-    store = registry.registry_store()
     if isinstance(model_uri, registry.ModelVersion):
         model_uri = model_uri.uri
     if not isinstance(model_uri, str):
@@ -418,6 +432,17 @@ def load_model(model_uri: Any) -> LoadedModel:
             hint=f"Use {URI_FORMS}",
         )
     uri = model_uri.strip()
+    hook = _load_hook
+    if hook is not None:
+        return hook(uri, load_uncached)
+    return load_uncached(uri)
+
+
+def load_uncached(uri: str) -> LoadedModel:
+    """`load_model` without the serving cache: reads and loads the model now."""
+    from keel.tracking import registry
+
+    store = registry.registry_store()
     if uri.startswith("models:/"):
         source = registry.version_source(store, *parse_models_uri(uri))
     elif uri.startswith("runs:/"):

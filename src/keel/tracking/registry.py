@@ -78,10 +78,12 @@ def actor() -> str:
 def registry_store() -> MetadataStore:
     """The store of the current tracked run, else the default one (KEEL_DB_URL / KEEL_HOME)."""
     from keel.store.metadata import open_store
-    from keel.tracking.active import current
+    from keel.tracking.active import current, unrecorded_store
 
     run = current(start=False)
-    return run.store if run is not None else open_store()
+    if run is not None:
+        return run.store
+    return unrecorded_store() or open_store()
 
 
 def _when(ts: float | None) -> datetime | None:

@@ -1,0 +1,1 @@
+"""Serving: registered models and workflows answering live requests, and batch inference."""
