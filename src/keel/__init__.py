@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from keel.scheduler.scheduler import Scheduler
     from keel.scheduler.triggers import fire_trigger
     from keel.sdk.schedule import Schedule
+    from keel.serving.runner import serve
 
     schedules = schedules_module
     triggers = triggers_module
@@ -126,6 +127,8 @@ __all__ = [
     "register_model",
     "load_model",
     "models",
+    # serving
+    "serve",
     # reading past runs
     "Client",
     "Run",
@@ -191,6 +194,7 @@ _LAZY = {
     "load_model": "keel.tracking.models",
     "register_model": "keel.tracking.registry",
     "models": "keel.tracking.registry",
+    "serve": "keel.serving.runner",
 }
 
 

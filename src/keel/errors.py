@@ -196,3 +196,8 @@ class SignatureError(KeelError):
 class ScheduleError(DefinitionError):
     """A schedule, backfill or trigger is defined wrongly (a bad cron expression, an
     unknown time zone, an end before its start) or names one that does not exist."""
+
+
+class ServingError(KeelError):
+    """`keel serve` cannot start or serve: the port is taken, an option is out of
+    range, the target is neither a model URI nor a workflow reference."""
