@@ -6,7 +6,7 @@ by model and version, so a version's traffic is told apart across a reload.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -35,6 +35,11 @@ class ServingMetrics:
             "Time from a request's arrival to its reply",
             _LABELS,
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "keel_serve_in_flight",
+            "Requests to /invocations received and not yet answered",
             registry=self.registry,
         )
         self.batch_rows = Histogram(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,9 +37,12 @@ def create_model_app(
     *,
     store: MetadataStore | None = None,
     slot: ModelSlot | None = None,
+    load_first: bool = False,
 ) -> Starlette:
-    """The endpoint of `uri`. Given a started `slot` it serves at once; otherwise it
-    loads the model in the background at startup (and /ping answers 503 until then)."""
+    """The endpoint of `uri`. Given a started `slot` it serves at once. Otherwise it
+    loads the model at startup: before accepting connections with `load_first` (what
+    each `--workers` process does, so none answers before it can predict), else in
+    the background while /ping answers 503."""
     from keel.store.metadata import open_store
 
     opts = options or ServeOptions()
@@ -63,7 +67,9 @@ def create_model_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         batcher.start()
         loading = None
-        if slot.current is None:
+        if slot.current is None and load_first:
+            await asyncio.to_thread(slot.start)
+        elif slot.current is None:
             loading = asyncio.get_running_loop().run_in_executor(None, _start, slot)
         try:
             yield
@@ -74,6 +80,13 @@ def create_model_app(
                 await asyncio.wait([loading], timeout=1)
 
     async def invocations(request: Request) -> Response:
+        metrics.in_flight.inc()
+        try:
+            return await _invoke(request)
+        finally:
+            metrics.in_flight.dec()
+
+    async def _invoke(request: Request) -> Response:
         started = time.perf_counter()
         served = slot.current
         label = (served.name or slot.uri, str(served.version)) if served else (slot.uri, "")
@@ -155,6 +168,7 @@ def health_of(slot: ModelSlot) -> dict[str, Any]:
         "batchable": served.batchable if served is not None else None,
         "reloads": slot.reloads,
         "last_error": slot.last_error,
+        "pid": os.getpid(),
     }
 
 

@@ -157,6 +157,10 @@ class ModelSlot:
             self.last_error = None  # the store answers again
             self._changed()
         current = self.current.version if self.current is not None else None
+        if version == current and self.failed_version is not None:
+            self.last_error = None  # the alias left the version that failed
+            self.failed_version = None
+            self._changed()
         if version == current or version == self.failed_version:
             return
         try:

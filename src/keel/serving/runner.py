@@ -68,7 +68,7 @@ def app_from_env() -> Any:
 def model_app_from_spec(uri: str, options: dict[str, Any]) -> Any:
     from keel.serving.model_app import create_model_app
 
-    return create_model_app(uri, ServeOptions(**options))
+    return create_model_app(uri, ServeOptions(**options), load_first=True)
 
 
 # -- the listening socket ------------------------------------------------------------------
