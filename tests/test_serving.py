@@ -471,6 +471,15 @@ def test_the_server_is_recorded_as_a_deployment(world: World) -> None:
     assert mine["version"] == 1 and mine["state"] == "serving"
     assert mine["url"] == f"http://127.0.0.1:{port}/"
 
+    from keel.store import deployments
+    from keel.store.metadata import open_store
+
+    with keel.serve("models:/digits/2", port=0, background=True) as server:
+        row = deployments.get(open_store(), server.deployment_id)
+        assert row is not None and (row.state, row.version, row.workers) == ("serving", 2, 1)
+    row = deployments.get(open_store(), server.deployment_id)
+    assert row is not None and row.state == "stopped" and row.stopped_at is not None
+
 
 # -- batching ----------------------------------------------------------------------------
 
@@ -644,3 +653,38 @@ def test_keel_serve_refuses_bad_options() -> None:
 def test_csv_that_is_not_a_table_is_a_400(world: World) -> None:
     reply = predict(world.url, io.BytesIO(b'"unclosed\n').getvalue(), "text/csv")
     assert reply.status_code in (400, 422), reply.text
+
+
+def test_an_unreachable_store_at_reload_keeps_the_loaded_version(keel_home: Path) -> None:
+    """The store's database file goes away under a following slot (its pool emptied, so
+    the next look-up opens a fresh, empty database): the loaded version keeps serving,
+    the error is reported, and it clears once the database is back. SQLite only: a file
+    can be taken away from one process; the look-up code is the same on PostgreSQL."""
+    from keel.serving.model_slot import ModelSlot
+    from keel.store.metadata import open_store
+
+    keel.register_model("kept", serving_models.OneAtATime())
+    keel.models.set_alias("kept", "live", 1)
+    store = open_store()
+    slot = ModelSlot(store, "models:/kept@live", poll_seconds=0)
+    assert slot.start().version == 1
+    store.engine.dispose()
+    files = [keel_home / f"keel.db{suffix}" for suffix in ("", "-wal", "-shm")]
+    away = keel_home / "away"
+    away.mkdir()
+    for file in files:  # the database with its write-ahead log
+        if file.exists():
+            file.rename(away / file.name)
+    try:
+        slot.poll_once()
+        assert slot.version == 1 and slot.current is not None
+        assert slot.last_error is not None and "cannot resolve models:/kept@live" in slot.last_error
+        assert slot.current.predict(np.array([[1.0, 2.0]])).tolist() == [3.0]
+    finally:
+        store.engine.dispose()
+        for file in files:
+            file.unlink(missing_ok=True)
+            if (away / file.name).exists():
+                (away / file.name).rename(file)
+    slot.poll_once()
+    assert slot.last_error is None and slot.version == 1

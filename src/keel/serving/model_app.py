@@ -50,6 +50,8 @@ def create_model_app(
         slot = ModelSlot(store or open_store(), uri, poll_seconds=opts.poll_seconds)
     if opts.deployment_id is not None:
         slot.on_change = _reporter(slot.store, opts.deployment_id)
+        if slot.current is not None:  # loaded before the record existed: report it now
+            slot.report()
     metrics = ServingMetrics()
 
     def on_batch(served: Served, rows: int) -> None:
@@ -178,7 +180,7 @@ def _start(slot: ModelSlot) -> None:
     except Exception as exc:
         slot.state = "failed"
         slot.last_error = f"{type(exc).__name__}: {exc}"
-        slot._changed()
+        slot.report()
 
 
 def _reporter(store: MetadataStore, deployment_id: str) -> Any:

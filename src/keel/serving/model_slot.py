@@ -136,9 +136,10 @@ class ModelSlot:
                 served.version,
                 previous.version,
             )
-        self._changed()
+        self.report()
 
-    def _changed(self) -> None:
+    def report(self) -> None:
+        """Tell `on_change` (the deployment record) the current state."""
         if self.on_change is not None:
             try:
                 self.on_change(self)
@@ -155,12 +156,12 @@ class ModelSlot:
             return
         if self.last_error is not None and self.failed_version is None:
             self.last_error = None  # the store answers again
-            self._changed()
+            self.report()
         current = self.current.version if self.current is not None else None
         if version == current and self.failed_version is not None:
             self.last_error = None  # the alias left the version that failed
             self.failed_version = None
-            self._changed()
+            self.report()
         if version == current or version == self.failed_version:
             return
         try:
@@ -177,7 +178,7 @@ class ModelSlot:
             self.failed_version = version
         if first:
             log.error("keel serve: %s; still serving version %s", message, self.version)
-            self._changed()
+            self.report()
 
     def _follow(self) -> None:
         while not self._stop.wait(self.poll_seconds):
