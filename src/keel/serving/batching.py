@@ -98,6 +98,15 @@ class Batcher:
             await self._run(batch)
 
     async def _run(self, batch: list[_Item]) -> None:
+        try:
+            await self._predict(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # never leave a request waiting, nor stop consuming
+            for item in batch:
+                _settle(item, exc=exc)
+
+    async def _predict(self, batch: list[_Item]) -> None:
         live = [item for item in batch if not item.future.done()]  # timed-out ones are gone
         if not live:
             return

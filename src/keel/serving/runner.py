@@ -347,7 +347,11 @@ def _run(
     if background:
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
-        _wait_started(server, thread)
+        try:
+            _wait_started(server, thread)
+        except BaseException:
+            finish()
+            raise
 
         def stop() -> None:
             server.should_exit = True
