@@ -40,7 +40,9 @@ def list_deployments(
     _: Viewer,
     store: Store,
     model: Annotated[str | None, Query(max_length=250, description="A model's name")] = None,
-    version: Annotated[int | None, Query(ge=1, description="One version of it")] = None,
+    version: Annotated[
+        int | None, Query(ge=1, le=2**31 - 1, description="One version of it")
+    ] = None,
     all: Annotated[bool, Query(description="Also stopped deployments")] = False,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> list[DeploymentOut]:
