@@ -19,27 +19,23 @@ What the runner adds around uvicorn:
 
 from __future__ import annotations
 
-import errno
 import importlib
 import json
-import logging
 import math
 import os
-import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from keel.errors import ServingError
+from keel.serving.listening import bind, graceful_signals
 from keel.serving.options import ServeOptions
+from keel.serving.record import Record
 from keel.store.metadata import MetadataStore
-
-log = logging.getLogger("keel.serving")
 
 SPEC_ENV = "KEEL_SERVE_SPEC"
 WORKFLOW_FACTORY = "keel.serving.workflow_app:create_workflow_app"
@@ -69,73 +65,6 @@ def model_app_from_spec(uri: str, options: dict[str, Any]) -> Any:
     from keel.serving.model_app import create_model_app
 
     return create_model_app(uri, ServeOptions(**options), load_first=True)
-
-
-# -- the listening socket ------------------------------------------------------------------
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, or a ServingError saying why there is none."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        # As uvicorn does: a port left in TIME_WAIT by a previous server is free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-            sock.listen(2048)
-        except OSError:
-            sock.close()
-            raise
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ServingError(
-            f"cannot listen on {host}:{port}: {reason}",
-            hint="Pick another port with --port"
-            if exc.errno == errno.EADDRINUSE
-            else "Check --host: it must be an address of this machine (e.g. 127.0.0.1)",
-        ) from None
-    sock.set_inheritable(True)
-    return sock
-
-
-# -- the deployment's record ---------------------------------------------------------------
-
-
-class _Record:
-    """The deployment's row: inserted now, heartbeats from a thread, stopped at the end.
-    The store failing never stops serving: a failed write is logged and retried."""
-
-    def __init__(self, store: MetadataStore, values: dict[str, Any]) -> None:
-        from keel.store import deployments
-
-        self.store = store
-        self.id = str(values["id"])
-        self._done = threading.Event()
-        deployments.insert(store, values)
-        self._thread = threading.Thread(target=self._beat, name="keel-serve-heartbeat")
-        self._thread.daemon = True
-        self._thread.start()
-
-    def _beat(self) -> None:
-        from keel.store import deployments
-
-        while not self._done.wait(deployments.HEARTBEAT_SECONDS):
-            try:
-                deployments.heartbeat(self.store, self.id)
-            except Exception as exc:
-                log.warning("keel serve: heartbeat not recorded: %s", exc)
-
-    def stop(self) -> None:
-        from keel.store import deployments
-
-        self._done.set()
-        self._thread.join(timeout=10)
-        try:
-            deployments.mark_stopped(self.store, self.id)
-        except Exception as exc:
-            log.warning("keel serve: could not mark the deployment stopped: %s", exc)
 
 
 # -- serving -------------------------------------------------------------------------------
@@ -299,7 +228,7 @@ def _run(
     deployment_id = uuid.uuid4().hex[:16]
     options = replace(options, port=port, deployment_id=deployment_id)
     try:
-        record = _Record(
+        record = Record(
             store,
             {
                 "id": deployment_id,
@@ -363,7 +292,7 @@ def _run(
     if announce is not None:
         _announce_when_started(server, announce, url, options)
     try:
-        with _graceful_signals():
+        with graceful_signals():
             if spec is not None:
                 from uvicorn.supervisors import Multiprocess
 
@@ -408,23 +337,3 @@ def _announce_when_started(
         announce(url)  # the socket is bound: the workers accept as they come up
         return
     threading.Thread(target=wait, daemon=True).start()
-
-
-@contextmanager
-def _graceful_signals() -> Iterator[None]:
-    """uvicorn handles SIGTERM/SIGINT while it runs, then re-raises the signal with the
-    handler it found. With these no-op handlers that re-raise is harmless, so a
-    graceful shutdown ends the process with exit code 0 (not killed by the signal)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _noted) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _noted(sig: int, frame: Any) -> None:
-    log.info("keel serve: signal %s after shutdown", sig)
