@@ -733,3 +733,19 @@ def test_an_unreachable_store_at_reload_keeps_the_loaded_version(keel_home: Path
                 (away / file.name).rename(file)
     slot.poll_once()
     assert slot.last_error is None and slot.version == 1
+
+
+def test_before_a_version_is_loaded_ping_health_and_invocations_answer_503(world: World) -> None:
+    from starlette.testclient import TestClient
+
+    from keel.serving.model_app import create_model_app
+
+    app = create_model_app("models:/digits@champion")  # its startup (not run here) loads
+    client = TestClient(app)  # no `with`: the lifespan, and so the load, never starts
+    assert client.get("/ping").status_code == 503
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["state"] == "loading"
+    error_of(client.post("/invocations", json={"inputs": [[1.0]]}), 503, "NOT_READY")
+    with TestClient(app) as started:  # the lifespan loads in the background
+        wait_until(lambda: started.get("/ping").status_code == 200, "the load", BOUND)
+        assert started.get("/version").json()["version"] == 1
