@@ -586,6 +586,15 @@ def test_models_page_lists_the_registered_model_and_its_lineage(page: Page) -> N
     page.shot("model")
 
 
+def test_model_page_shows_the_servers_serving_it(page: Page) -> None:
+    with keel.serve("models:/ui_model@champion", port=0, background=True) as server:
+        page.open("/models/ui_model")
+        row = page.find("#model-deployments tr[data-deployment]")
+        page.wait(lambda: f"{server.url}/" in row.text, "the server's URL")
+        assert row.get_attribute("data-deployment") == server.deployment_id
+        assert "v1" in row.text and "serving" in row.text
+
+
 # -- launch ------------------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from keel.scheduler.triggers import fire_trigger
     from keel.sdk.schedule import Schedule
     from keel.serving.batch import batch_predict
+    from keel.serving.runner import serve
 
     schedules = schedules_module
     triggers = triggers_module
@@ -129,6 +130,7 @@ __all__ = [
     "models",
     # serving
     "batch_predict",
+    "serve",
     # reading past runs
     "Client",
     "Run",
@@ -195,6 +197,7 @@ _LAZY = {
     "register_model": "keel.tracking.registry",
     "models": "keel.tracking.registry",
     "batch_predict": "keel.serving.batch",
+    "serve": "keel.serving.runner",
 }
 
 

@@ -247,3 +247,8 @@ class ArtifactIntegrityError(KeelError):
 class InputDataError(KeelError):
     """Data given for batch prediction cannot be read (a missing file, an unknown
     format, a corrupt table) or cannot be split into rows."""
+
+
+class ServingError(KeelError):
+    """`keel serve` cannot start or serve: the port is taken, an option is out of
+    range, the target is neither a model URI nor a workflow reference."""

@@ -21,6 +21,7 @@ from keel.cli import (
     running,
     runs,
     schedule_cmds,
+    serve_cmds,
     server_cmds,
     tracking_cmds,
     worker_cmds,
@@ -182,6 +183,11 @@ token_app.command("create")(server_cmds.token_create)
 token_app.command("ls")(server_cmds.token_ls)
 token_app.command("revoke")(server_cmds.token_revoke)
 app.add_typer(token_app)
+
+app.command("serve")(serve_cmds.serve)
+deployments_app = _group("deployments", "The servers `keel serve` runs: what, where, since when.")
+deployments_app.command("ls")(serve_cmds.deployments_ls)
+app.add_typer(deployments_app)
 
 
 def main() -> None:

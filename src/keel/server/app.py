@@ -13,6 +13,7 @@ from keel.server import errors
 from keel.server import mlflow as mlflow_api
 from keel.server.routes import (
     artifacts,
+    deployments,
     events,
     experiments,
     health,
@@ -44,7 +45,7 @@ def create_app(store: MetadataStore | None = None) -> FastAPI:
     app.state.store = store or open_store()
     errors.install(app)
     api = (health, runs, steps, logs, artifacts, experiments, metrics, models, workflows)
-    for module in (*api, events, triggers, tokens, audit_log_routes):
+    for module in (*api, events, triggers, tokens, audit_log_routes, deployments):
         app.include_router(module.router, prefix="/api/v1")
     mlflow_api.install(app)
 

@@ -26,7 +26,7 @@ from sqlalchemy.types import TypeDecorator
 from keel.store.limits import clean_text
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0010"
 
 metadata = MetaData()
 
@@ -516,4 +516,28 @@ logged_model_files = Table(
     Column("hash", String(64), nullable=False),
     Column("size", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+)
+
+# A running model or workflow server (`keel serve`): what it serves and where. The
+# server writes the row when it starts, bumps `heartbeat_at` every few seconds and
+# marks it stopped on exit; a row whose heartbeats stopped is shown as stale.
+deployments = Table(
+    "keel_deployments",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("target", Text, nullable=False),  # models:/NAME@ALIAS, file.py:workflow, ...
+    Column("kind", String(16), nullable=False),  # model | workflow
+    Column("model", String(250)),  # the registered model's name, for a models:/ target
+    Column("version", Integer),  # the version being served now
+    Column("host", String(200), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("workers", Integer, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("machine", String(200), nullable=False),  # the hostname of the machine
+    Column("state", String(16), nullable=False),  # starting | serving | stopped
+    Column("last_error", Text),  # the last failed reload, until one succeeds
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("stopped_at", Float),
+    Index("ix_keel_deployments_model", "model", "version"),
 )

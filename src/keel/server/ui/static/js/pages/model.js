@@ -1,5 +1,6 @@
 // One registered model: its versions (with aliases), the lineage of a chosen
-// version back to the run, the step and the data that made it, and its history.
+// version back to the run, the step and the data that made it, the servers
+// (`keel serve`) serving it, and its history.
 
 import { errorBox, get, seg } from "../api.js";
 import { clear, facts, fmtBytes, h, section, statusBadge, tagChips, timeEl } from "../dom.js";
@@ -16,6 +17,7 @@ export async function render(view, { name }, ctx) {
 
   const lineageSlot = h("div", { id: "model-lineage" });
   const historySlot = h("div");
+  const deploymentsSlot = h("div", { id: "model-deployments" });
   const rows = new Map();
 
   view.append(
@@ -67,7 +69,8 @@ export async function render(view, { name }, ctx) {
       ),
     ),
   );
-  view.append(section("Versions", table), lineageSlot, historySlot);
+  view.append(section("Versions", table), deploymentsSlot, lineageSlot, historySlot);
+  await showDeployments(model.name, deploymentsSlot);
 
   async function choose(version) {
     chosen = version;
@@ -159,4 +162,45 @@ function lineageView(name, v, lin) {
     ...parts,
     grids.length ? h("div", { class: "grid" }, grids) : null,
   );
+}
+
+// The running servers of this model: which version each serves, where, since when.
+async function showDeployments(name, slot) {
+  try {
+    const found = await get(`/deployments?model=${encodeURIComponent(name)}`);
+    if (!found.length) return;
+    slot.append(
+      section(
+        "Deployments",
+        h(
+          "div",
+          { class: "table-wrap" },
+          h(
+            "table",
+            { class: "deployments" },
+            h("caption", { class: "visually-hidden" }, "Servers of this model, newest first"),
+            h("thead", {}, h("tr", {}, ["Version", "URL", "Workers", "State", "Started", "Heartbeat"].map((t) => h("th", { scope: "col" }, t)))),
+            h(
+              "tbody",
+              {},
+              found.map((d) =>
+                h(
+                  "tr",
+                  { "data-deployment": d.id },
+                  h("td", {}, d.version ? h("a", { href: `#v${d.version}` }, `v${d.version}`) : "—"),
+                  h("td", { class: "mono" }, d.url),
+                  h("td", {}, String(d.workers)),
+                  h("td", {}, statusBadge(d.state), d.last_error ? h("div", { class: "muted" }, d.last_error) : null),
+                  h("td", {}, timeEl(d.started_at)),
+                  h("td", {}, timeEl(d.heartbeat_at)),
+                ),
+              ),
+            ),
+          ),
+        ),
+      ),
+    );
+  } catch (err) {
+    slot.append(errorBox(err, "the model's deployments"));
+  }
 }

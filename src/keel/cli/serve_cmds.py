@@ -1,0 +1,140 @@
+"""`keel serve` (a model or a workflow as an HTTP endpoint) and `keel deployments ls`.
+
+Exit codes of `keel serve`: 0 after a graceful shutdown (SIGTERM, SIGINT/Ctrl-C);
+2 bad input: an unknown model, version or alias, a malformed URI or option, a port
+that is taken or an address that is not this machine's; 1 the model exists but
+cannot be loaded here (e.g. its flavor's library is missing), or another failure.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from keel.cli.common import EXIT_FAILED, EXIT_USAGE, fail, make_cwd_importable, open_store
+
+
+def serve(
+    ctx: typer.Context,
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a workflow "
+            "(file.py:name, module:name)"
+        ),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Processes serving on the one port")
+    ] = 1,
+    max_batch_size: Annotated[
+        int, typer.Option("--max-batch-size", min=1, help="Rows per predict call")
+    ] = 32,
+    batch_wait_ms: Annotated[
+        float,
+        typer.Option(
+            "--batch-wait-ms", min=0, help="How long a batch waits for more requests (ms)"
+        ),
+    ] = 0.0,
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", min=1, help="Larger request bodies get 413")
+    ] = 10 * 1024 * 1024,
+    request_timeout: Annotated[
+        float,
+        typer.Option("--request-timeout", min=0.001, help="Seconds per request, else 504"),
+    ] = 30.0,
+    graceful_timeout: Annotated[
+        float,
+        typer.Option(
+            "--graceful-timeout", min=0, help="Seconds in-flight requests get at shutdown"
+        ),
+    ] = 10.0,
+    ephemeral: Annotated[
+        bool,
+        typer.Option("--ephemeral", help="A workflow's steps run in memory, unrecorded"),
+    ] = False,
+) -> None:
+    """Serve a registered model (MLflow's scoring protocol) or a workflow over HTTP."""
+    from keel.errors import ModelRegistryError, ServingError
+    from keel.serving.runner import is_model_target
+    from keel.serving.runner import serve as run_server
+
+    open_store(ctx)  # a bad --db-url fails here, before anything listens
+    if not is_model_target(target):
+        make_cwd_importable()
+
+    def announce(url: str) -> None:
+        typer.echo(f"keel serve: {target} on {url}/ (stop with Ctrl-C)", err=True)
+
+    try:
+        run_server(
+            target,
+            host=host,
+            port=port,
+            workers=workers,
+            max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
+            max_body_bytes=max_body_bytes,
+            request_timeout=request_timeout,
+            graceful_timeout=graceful_timeout,
+            ephemeral=ephemeral,
+            announce=announce,
+        )
+    except (ServingError, ModelRegistryError) as exc:
+        fail(exc.message, hint=exc.hint, code=EXIT_USAGE)
+    except ImportError as exc:
+        fail(
+            f"cannot load {target}: {type(exc).__name__}: {exc}",
+            hint="Install the library the model (or workflow) needs in this environment",
+            code=EXIT_FAILED,
+        )
+    typer.echo("keel serve: stopped", err=True)
+
+
+def deployments_ls(
+    ctx: typer.Context,
+    show_all: Annotated[
+        bool, typer.Option("--all", "-a", help="Also servers that have stopped")
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Only this registered model")
+    ] = None,
+) -> None:
+    """List running servers (`keel serve`): what they serve, where, since when."""
+    from rich.table import Table
+
+    from keel.cli.display import console, duration
+    from keel.store import deployments
+
+    rows = deployments.list_deployments(open_store(ctx), model=model, include_stopped=show_all)
+    out = console()
+    if not rows:
+        out.print(
+            "no deployments; start one with `keel serve models:/NAME@ALIAS`"
+            if not show_all
+            else "no server ever recorded itself in this store",
+            markup=False,
+        )
+        return
+    now = time.time()
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "TARGET", "VERSION", "URL", "WORKERS", "PID", "UP", "HEARTBEAT", "STATE"):
+        table.add_column(column, no_wrap=column != "TARGET")
+    for row in rows:
+        end = row.stopped_at if row.stopped_at is not None else now
+        state = row.state + (" (reload failed)" if row.last_error else "")
+        table.add_row(
+            row.id,
+            row.target,
+            "-" if row.version is None else str(row.version),
+            f"http://{row.host}:{row.port}/",
+            str(row.workers),
+            f"{row.pid}@{row.machine}",
+            duration(max(0.0, end - row.started_at)),
+            f"{duration(max(0.0, now - row.heartbeat_at))} ago",
+            state,
+        )
+    out.print(table)

@@ -1,0 +1,53 @@
+"""The options of `keel serve` / `keel.serve`, checked once, shared by every module."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from keel.errors import ServingError
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    workers: int = 1
+    max_batch_size: int = 32  # rows per predict call
+    batch_wait_ms: float = 0.0  # how long a batch waits for more rows (0: only what queued)
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    request_timeout: float = 30.0  # seconds from arrival to reply, else 504
+    poll_seconds: float = 1.0  # how often an alias is looked up
+    graceful_timeout: float = 10.0  # how long in-flight requests get at shutdown
+    deployment_id: str | None = None  # the store row this server reports to
+
+    def __post_init__(self) -> None:
+        positive = {
+            "workers": self.workers,
+            "max_batch_size": self.max_batch_size,
+            "max_body_bytes": self.max_body_bytes,
+            "request_timeout": self.request_timeout,
+        }
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ServingError(
+                    f"{name} must be a positive number, got {value!r}",
+                    hint=f"e.g. --{name.replace('_', '-')} 1",
+                )
+        for name, value in {
+            "batch_wait_ms": self.batch_wait_ms,
+            "poll_seconds": self.poll_seconds,
+            "graceful_timeout": self.graceful_timeout,
+        }.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ServingError(f"{name} must be 0 or more, got {value!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ServingError(f"port must be a number, got {self.port!r}")
+        if not 0 <= self.port <= 65535:
+            raise ServingError(f"port must be between 0 and 65535, got {self.port}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
