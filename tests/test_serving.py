@@ -749,3 +749,26 @@ def test_before_a_version_is_loaded_ping_health_and_invocations_answer_503(world
     with TestClient(app) as started:  # the lifespan loads in the background
         wait_until(lambda: started.get("/ping").status_code == 200, "the load", BOUND)
         assert started.get("/version").json()["version"] == 1
+
+
+@pytest.mark.parametrize("mode", ["recorded", "ephemeral"])
+def test_keel_serve_exposes_a_workflow(world: World, mode: str) -> None:
+    """`keel serve file.py:workflow` wires the CLI to the workflow endpoint: a typed call
+    answers with the result, a bad parameter is a 422, and SIGTERM exits 0."""
+    from keel.store import deployments
+    from keel.store.metadata import open_store
+
+    target = f"{ROOT / 'tests' / 'flows' / 'serving_flows.py'}:pipeline"
+    args = [target, *(["--ephemeral"] if mode == "ephemeral" else [])]
+    proc, url = start_server(args, server_env(world.env))
+    try:
+        reply = httpx.post(f"{url}/run", json={"n": 3, "scale": 2}, timeout=BOUND)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["result"]["squares"] == [0, 1, 4]
+        assert ("run_id" in reply.json()) == (mode == "recorded")
+        bad = httpx.post(f"{url}/run", json={"n": "many"}, timeout=BOUND)
+        assert bad.status_code == 422 and "n" in bad.text
+        (row,) = [d for d in deployments.list_deployments(open_store()) if d.pid == proc.pid]
+        assert row.kind == "workflow"
+    finally:
+        assert stop_server(proc) == 0
