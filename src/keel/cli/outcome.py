@@ -97,23 +97,24 @@ def print_fix(console: Console, run: Run, error_type: str | None, message: str) 
     fix = fix_for(error_type, message)
     if fix == FIX_RESUME:
         console.print(
-            Text(
-                "the environment failed, not the code (disk, memory or the metadata store): "
-                f"once it is fixed, continue the run with: keel resume {run.id}",
-                style="yellow",
-            )
+            Text("the environment failed, not the code (disk, memory or the metadata store)")
+        )
+        console.print(
+            Text(f"once it is fixed, continue the run: keel resume {run.id}", "yellow"),
+            soft_wrap=True,  # a command stays on one line, to be copied whole
         )
     elif fix == FIX_NEW_RUN:
         where = run.entrypoint or run.workflow
+        console.print(Text("a parameter is wrong: resuming or retrying would fail the same way"))
         console.print(
             Text(
-                "a parameter is wrong: resuming or retrying would fail the same way; start "
-                f"a new run with corrected parameters: keel run {where} --param NAME=VALUE",
-                style="yellow",
-            )
+                f"start a new run with corrected parameters: keel run {where} --param NAME=VALUE",
+                "yellow",
+            ),
+            soft_wrap=True,
         )
     else:
-        console.print(Text(f"fix the code, then: keel retry {run.id}", style="yellow"))
+        console.print(Text(f"fix the code, then: keel retry {run.id}", "yellow"), soft_wrap=True)
 
 
 def print_outcome(

@@ -64,8 +64,8 @@ def check_depth(parent: RunState, workflow: Workflow[Any, Any]) -> None:
         return
     raise ChildDepthError(
         f"child run depth limit reached: workflow {workflow.name!r} would start at depth "
-        f"{depth}, over the limit of {limit} (chain: "
-        f"{_describe_chain((*parent.chain, workflow.name))})",
+        f"{depth}, over the limit of {limit} (chain from the root run: "
+        f"{_describe_chain(parent.chain)})",
         run_id=parent.run_id,
         hint="A workflow that calls itself needs a case that stops the recursion; if the "
         "depth is intended, raise KEEL_MAX_CHILD_DEPTH, then `keel retry` the run",

@@ -186,6 +186,24 @@ def drop_steps(store: MetadataStore, run_id: str) -> None:
         )
 
 
+def take_queued(store: MetadataStore, keys: Sequence[str]) -> list[str]:
+    """Remove the step attempts among `keys` (their step_key) that no worker has
+    claimed; returns the keys removed."""
+    taken: list[str] = []
+    with store.engine.begin() as conn:
+        for start in range(0, len(keys), 500):  # well under any bound-parameter limit
+            rows = conn.execute(
+                queue_items.delete()
+                .where(
+                    queue_items.c.dedupe.in_(list(keys[start : start + 500])),
+                    queue_items.c.status == QUEUED,
+                )
+                .returning(queue_items.c.dedupe)
+            )
+            taken += [str(r[0]) for r in rows]
+    return taken
+
+
 def wake_run(store: MetadataStore, run_id: str) -> None:
     """Make a queued (suspended) run claimable now, e.g. when a signal arrives."""
     with store.engine.begin() as conn:
