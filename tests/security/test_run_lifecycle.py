@@ -132,6 +132,22 @@ def lc_checked(n: int = -1) -> int:
     return lc_work(n)
 
 
+@keel.task
+def lc_remote_step(marks: str, gate: str) -> int:
+    _mark(marks, "remote")
+    deadline = time.monotonic() + 120
+    while not Path(gate).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test never opened the gate")
+        time.sleep(0.05)
+    return 7
+
+
+@keel.workflow
+def lc_remote(marks: str, gate: str) -> int:
+    return lc_remote_step(marks, gate)
+
+
 if __name__ == "__main__":
     keel.run(lc_job, marks=sys.argv[1], gate=sys.argv[2])
 """
@@ -329,6 +345,45 @@ def test_cancel_of_a_run_whose_process_died_closes_its_steps_children_and_queue_
     assert asked.returncode == 0, asked.stdout + asked.stderr
     assert f"run {run.id} is now CANCELLED" in asked.stdout
     assert_closed(run.id)
+
+
+def test_outcomes_no_one_collected_leave_the_queue_when_the_run_ends(
+    backend: str, tmp_path: Path, flows: Path
+) -> None:
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    worker = start("-m", "keel", "worker", "--no-scheduler", "--load", flows, logs=tmp_path)
+    try:
+        coordinator = start(
+            "-m", "keel", "run", f"{flows}:lc_remote", "--executor", "queue",
+            "-p", f"marks={marks}", "-p", f"gate={gate}", logs=tmp_path,
+        )  # fmt: skip
+
+        def started() -> bool:
+            found = select(sa.select(runs.c.id).where(runs.c.workflow == "lc_remote"))
+            return lines(marks)["remote"] == 1 and bool(found) and bool(open_steps([found[0].id]))
+
+        wait_until("the worker to run the step, recorded as RUNNING", started, coordinator)
+        rid = only_run("lc_remote").id
+        coordinator.kill()  # the coordinator crashes while a worker runs its step
+        assert coordinator.wait(timeout=WAIT_SECONDS) == -signal.SIGKILL
+        gate.touch()
+        wait_until(
+            "the worker to finish the step no one waits for",
+            lambda: [r.status for r in queue_of([rid])] == ["done"],
+            worker,
+        )
+
+        resumed = keel_cli("resume", "--force", rid)
+
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "result: 7" in resumed.stdout
+        # The resume ran the step again as a new attempt; the first attempt's outcome,
+        # which nobody collected, went with the run's end.
+        assert lines(marks)["remote"] == 2
+        assert queue_of([rid]) == []
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=WAIT_SECONDS)
 
 
 # -- item 12: child-run depth -----------------------------------------------------------
