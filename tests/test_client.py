@@ -113,7 +113,7 @@ def test_failed_run_and_step(backend: str) -> None:
     assert info.value.run_id == run.id
     assert info.value.error_type == "KeyError"
     assert info.value.traceback is not None and "KeyError" in info.value.traceback
-    assert f"keel resume {run.id}" in str(info.value)
+    assert f"fix the code, then `keel retry {run.id}`" in str(info.value)  # a code bug
 
     failed = run.step("client_fail-1")
     assert failed.status == "FAILED"

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
-from keel.errors import RunFailedError, StepNotFoundError
+from keel.errors import FIX_NEW_RUN, FIX_RESUME, RunFailedError, StepNotFoundError, fix_for
 from keel.status import RunStatus
 from keel.store.config import StoreConfig
 from keel.store.metadata import MetadataStore, open_store
@@ -265,6 +265,17 @@ class Run(_Tracked):
     def children(self) -> list[Run]:
         return [Run(r, self._store) for r in self._store.list_runs(parent_id=self.id, limit=None)]
 
+    def _fix(self) -> str:
+        """What continues or repairs a run that did not succeed (see errors.fix_for)."""
+        if self.status != RunStatus.FAILED:
+            return f"continue it with `keel resume {self.id}`"
+        fix = fix_for(self.error_type, self.error_message)
+        if fix == FIX_RESUME:
+            return f"once the environment is fixed, continue it with `keel resume {self.id}`"
+        if fix == FIX_NEW_RUN:
+            return "start a new run with corrected parameters"
+        return f"fix the code, then `keel retry {self.id}`"
+
     def result(self) -> Any:
         """The workflow's return value; raises RunFailedError unless the run succeeded."""
         if self.status != RunStatus.SUCCEEDED:
@@ -274,7 +285,7 @@ class Run(_Tracked):
                 run_id=self.id,
                 error_type=self.error_type,
                 traceback=self.traceback,
-                hint=f"See `keel runs show {self.id}`; continue it with `keel resume {self.id}`",
+                hint=f"See `keel runs show {self.id}`; {self._fix()}",
             )
         stored = _stored(self._row, "result")
         return None if stored is None else stored.load(self._store.config.artifacts_url)

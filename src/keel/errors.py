@@ -8,6 +8,10 @@ code cannot swallow it.
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+
 
 class KeelError(Exception):
     """Root of every error keel raises."""
@@ -59,6 +63,60 @@ def qualified_name(cls: type) -> str:
     if cls.__module__ == "builtins":
         return cls.__qualname__
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """The error's message, never empty: some exceptions carry none (`MemoryError()`
+    has the text ""), so fall back to what their type and errno say."""
+    text = exc.message if isinstance(exc, KeelError) else str(exc)
+    if text.strip():
+        return text
+    name = qualified_name(type(exc))
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and isinstance(code, int):
+        return f"{name} [Errno {code}] {os.strerror(code)} (raised without a message)"
+    doc = (type(exc).__doc__ or "").strip().splitlines()
+    what = f": {doc[0].strip()}" if doc and doc[0].strip() else ""
+    return f"{name} raised without a message{what}"
+
+
+# What to do about a failed run, judged from its error's type (as recorded, so a run
+# read back from the store is judged like one that just ended).
+FIX_RESUME = "resume"  # the environment failed (disk, memory, store): resume the same run
+FIX_RETRY = "retry"  # the code failed: fix it, then retry (reuses succeeded steps)
+FIX_NEW_RUN = "new run"  # a parameter was bad: neither helps, start a new run
+
+_ENVIRONMENT_ERRORS = frozenset(
+    {
+        "MemoryError",
+        "OSError",  # ENOSPC, EIO, EDQUOT... arrive as plain OSError
+        "BlockingIOError",
+        "ConnectionError",
+        "ConnectionAbortedError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "BrokenPipeError",
+        "TimeoutError",
+        "keel.errors.StoreUnavailableError",
+        "sqlalchemy.exc.OperationalError",
+        "sqlalchemy.exc.InterfaceError",
+        "sqlalchemy.exc.DisconnectionError",
+    }
+)
+_ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+)
+
+
+def fix_for(error_type: str | None, message: str | None = None) -> str:
+    """FIX_RESUME, FIX_RETRY or FIX_NEW_RUN for a run that failed with this error."""
+    if error_type in _ENVIRONMENT_ERRORS:
+        return FIX_RESUME
+    if message and any(f"[Errno {code}]" in message for code in _ENVIRONMENT_ERRNOS):
+        return FIX_RESUME  # an OSError subclass raised for a full disk or the like
+    if error_type == "keel.errors.ParameterError":
+        return FIX_NEW_RUN
+    return FIX_RETRY
 
 
 class ConfigError(KeelError):
@@ -213,6 +271,20 @@ class Cancelled(BaseException):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         super().__init__(f"run {run_id} was cancelled")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a run executed on the main thread. A `KeyboardInterrupt`,
+    so the engine stops the run as it does on Ctrl-C (recorded CANCELLED, resumable)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        self.signum = signum
+        super().__init__(f"received {signal.Signals(signum).name}")
+
+
+class ChildDepthError(KeelError):
+    """A chain of child runs (a workflow calling a workflow calling...) went deeper
+    than the limit (`KEEL_MAX_CHILD_DEPTH`): usually a recursion with no base case."""
 
 
 class ModelRegistryError(KeelError):

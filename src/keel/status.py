@@ -20,6 +20,7 @@ class StepStatus(StrEnum):
     FAILED = "FAILED"
     CACHED = "CACHED"
     SKIPPED = "SKIPPED"
+    CANCELLED = "CANCELLED"  # stopped by a cancellation of its run; a resume runs it again
 
 
 FINISHED_RUN = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})

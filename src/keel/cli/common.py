@@ -20,6 +20,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the run failed or was cancelled, or the operation could not be done
 EXIT_USAGE = 2  # bad input: unknown file, workflow, parameter, run id, database URL
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EXIT_TERMINATED = 143  # SIGTERM (timeout, systemd, Docker, Kubernetes), as shells report it
 
 # Errors that mean "what you asked for does not exist or is malformed", by class name
 # so that classifying an error does not import anything.

@@ -58,7 +58,8 @@ app = typer.Typer(
     cls=KeelGroup,
     help="keel: durable Python workflows. Run them, inspect them, resume them.",
     epilog="Exit codes: 0 success; 1 the run failed or was cancelled, or the operation "
-    "failed; 2 bad input (file, workflow, parameter, run id, database URL); 130 Ctrl-C. "
+    "failed; 2 bad input (file, workflow, parameter, run id, database URL); 130 Ctrl-C; "
+    "143 SIGTERM (the run is recorded as CANCELLED and can be resumed). "
     "Docs: docs/cli.md",
     no_args_is_help=True,
     add_completion=False,

@@ -11,6 +11,7 @@ from keel.cli import queries
 from keel.cli.common import EXIT_FAILED, EXIT_OK
 from keel.cli.display import STATUS_STYLES, duration, short_repr, status_text, user_traceback
 from keel.client import Client, Run
+from keel.errors import FIX_NEW_RUN, FIX_RESUME, fix_for
 from keel.store.metadata import MetadataStore
 
 _COUNT_ORDER = ("SUCCEEDED", "CACHED", "FAILED", "SKIPPED", "RUNNING", "PENDING")
@@ -57,11 +58,15 @@ def _failing_step(store: MetadataStore, run_id: str, depth: int = 0) -> tuple[st
     return run_id, row
 
 
-def print_failure(console: Console, store: MetadataStore, run: Run) -> None:
+def print_failure(console: Console, store: MetadataStore, run: Run) -> tuple[str | None, str]:
+    """Print the error, the failing step and its traceback; the error that caused the
+    failure: (type, message), the failing step's when there is one."""
     if run.error_type or run.error_message:
         line = Text("error: ", style="bold red")
-        line.append(f"{run.error_type}: {run.error_message}")
+        # Records written before messages were made never empty may hold "".
+        line.append(f"{run.error_type}: {run.error_message or '(no message)'}")
         console.print(line)
+    cause: tuple[str | None, str] = (run.error_type, run.error_message or "")
     found = _failing_step(store, run.id)
     tb: str | None = run.traceback
     if found is not None:
@@ -77,9 +82,39 @@ def print_failure(console: Console, store: MetadataStore, run: Run) -> None:
         console.print(line)
         attempts = store.load_attempts(run_id, row.seq)
         tb = next((a.traceback for a in reversed(attempts) if a.traceback), None)
+        if row.error_type:
+            cause = (row.error_type, row.error_message or "")
     shown = user_traceback(tb) if tb else ""
     if shown:
         console.print(Text(shown, style="dim"))
+    return cause
+
+
+def print_fix(console: Console, run: Run, error_type: str | None, message: str) -> None:
+    """The command that fixes this failure: the environment failed (resume the same
+    run once it is fixed), the code failed (fix it, retry), or a parameter was bad
+    (neither: the same parameters would fail again)."""
+    fix = fix_for(error_type, message)
+    if fix == FIX_RESUME:
+        console.print(
+            Text("the environment failed, not the code (disk, memory or the metadata store)")
+        )
+        console.print(
+            Text(f"once it is fixed, continue the run: keel resume {run.id}", "yellow"),
+            soft_wrap=True,  # a command stays on one line, to be copied whole
+        )
+    elif fix == FIX_NEW_RUN:
+        where = run.entrypoint or run.workflow
+        console.print(Text("a parameter is wrong: resuming or retrying would fail the same way"))
+        console.print(
+            Text(
+                f"start a new run with corrected parameters: keel run {where} --param NAME=VALUE",
+                "yellow",
+            ),
+            soft_wrap=True,
+        )
+    else:
+        console.print(Text(f"fix the code, then: keel retry {run.id}", "yellow"), soft_wrap=True)
 
 
 def print_outcome(
@@ -103,9 +138,9 @@ def print_outcome(
         console.print(Text("result: ").append_text(result_text(store, run)))
         return EXIT_OK
     if run.status == "FAILED":
-        print_failure(console, store, run)
+        error_type, message = print_failure(console, store, run)
         console.print(Text(f"see: keel runs show {run.id}", style="yellow"))
-        console.print(Text(f"fix the code, then: keel retry {run.id}", style="yellow"))
+        print_fix(console, run, error_type, message)
     else:
         console.print(Text(f"continue it with: keel resume {run.id}", style="yellow"))
     return EXIT_FAILED

@@ -1,7 +1,8 @@
 """`keel run`, `resume`, `retry` and `cancel`.
 
 The run executes on the main thread so that Ctrl-C reaches the engine, which
-records the run as CANCELLED (resumable) and re-raises KeyboardInterrupt.
+records the run as CANCELLED (resumable) and re-raises KeyboardInterrupt. SIGTERM
+is turned into the same interrupt (`Terminated`) for the whole command.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from keel.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     describe_exception,
     fail,
@@ -84,23 +86,42 @@ def _execute(
     from keel.cli.display import console as make_console
     from keel.cli.outcome import print_outcome
     from keel.cli.progress import RunMonitor
+    from keel.engine.interrupts import sigterm_as_interrupt
+    from keel.errors import Terminated
 
     out = make_console()
     monitor = RunMonitor(session, out, label=label)
     try:
-        with monitor:
+        with sigterm_as_interrupt(), monitor:
             handle = start()
-    except KeyboardInterrupt:
-        run_id = monitor.run_id or known_id
-        err = make_console(stderr=True)
-        if run_id is None:
-            err.print("interrupted before the run started")
-        else:
-            err.print(f"run {run_id} cancelled (Ctrl-C); every finished step is recorded")
-            err.print(f"continue it with: keel resume {run_id}", style="yellow", markup=False)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        _interrupted(session, monitor.run_id or known_id, "SIGTERM" if terminated else "Ctrl-C")
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     replayed = session.progress.replayed
     return print_outcome(out, session.store, handle.id, replayed=replayed, reused=reused)
+
+
+def _interrupted(session: Session, run_id: str | None, cause: str) -> None:
+    """Say what an interrupt left behind, from the record, and how to continue."""
+    from keel.cli.display import console as make_console
+
+    err = make_console(stderr=True)
+    if run_id is None:
+        err.print(f"interrupted ({cause}) before the run started", markup=False)
+        return
+    row = session.store.get_run(run_id)
+    status = row.status if row is not None else "unknown"
+    if status == "CANCELLED":
+        err.print(
+            f"run {run_id} cancelled ({cause}): it stopped starting steps; every finished "
+            "step is recorded, and the steps it stopped are recorded as CANCELLED",
+            markup=False,
+        )
+    else:
+        err.print(f"run {run_id} interrupted ({cause}); it is recorded as {status}", markup=False)
+    if status != "SUCCEEDED":
+        err.print(f"continue it with: keel resume {run_id}", style="yellow", markup=False)
 
 
 def run(

@@ -24,7 +24,7 @@ from keel.errors import RunStateError
 from keel.ids import new_run_id
 from keel.sdk.definitions import Workflow, registered_workflows
 from keel.status import FINISHED_RUN, REUSABLE_STEP, RunStatus
-from keel.store import queue
+from keel.store import closing, queue
 from keel.store.config import StoreConfig
 from keel.store.metadata import MetadataStore, open_store
 from keel.store.recorder import recorder_for
@@ -410,17 +410,11 @@ def cancel(run_id: str, *, store: MetadataStore | None = None) -> str:
     if row.status in FINISHED_RUN:
         return str(row.status)
     store.request_cancel(rid)
-    if row.status == RunStatus.PENDING:
-        # Waiting in the queue (submitted, parked): no process runs it; stop it here.
-        queue.drop_run(store, rid)
     if row.status == RunStatus.PENDING or not _owner_alive(row):
-        store.update_run(
-            rid,
-            status=str(RunStatus.CANCELLED),
-            ended_at=time.time(),
-            error_type="Cancelled",
-            error_message="the run was cancelled",
-        )
+        # Waiting in the queue (submitted, parked) or its process is gone: no one
+        # else will end it, so end it here with its open steps, child runs and
+        # queued work. (A live owner does the same when it stops.)
+        closing.close_run(store, rid, "the run was cancelled")
         return str(RunStatus.CANCELLED)
     return str(row.status)
 

@@ -6,13 +6,70 @@ parent finds and continues the same child run.
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keel.engine.execute import execute, fresh_state, new_run_row, record_new_run
 from keel.engine.run import RunState, StepState, _substitute
-from keel.errors import Suspended
+from keel.errors import ChildDepthError, ConfigError, Suspended
 from keel.status import REUSABLE_STEP, RunStatus
+
+if TYPE_CHECKING:
+    from keel.sdk.definitions import Workflow
+
+
+# How deep child runs may nest (root = 0): a workflow that calls itself with no base
+# case would otherwise start child runs until memory or the store gives out.
+DEFAULT_MAX_CHILD_DEPTH = 32
+
+
+def max_child_depth() -> int:
+    raw = os.environ.get("KEEL_MAX_CHILD_DEPTH", "").strip()
+    if not raw:
+        return DEFAULT_MAX_CHILD_DEPTH
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(
+            f"KEEL_MAX_CHILD_DEPTH must be a whole number of at least 1, got {raw!r}",
+            hint=f"Unset it for the default ({DEFAULT_MAX_CHILD_DEPTH}) or set e.g. 64",
+        )
+    return value
+
+
+def _describe_chain(names: tuple[str, ...]) -> str:
+    """`a -> b -> a`, with repeats folded: `recurse (33 times)`."""
+    folded: list[tuple[str, int]] = []
+    for name in names:
+        if folded and folded[-1][0] == name:
+            folded[-1] = (name, folded[-1][1] + 1)
+        else:
+            folded.append((name, 1))
+    parts = [name if n == 1 else f"{name} ({n} times)" for name, n in folded]
+    if len(parts) > 8:
+        parts = [*parts[:4], f"... {len(parts) - 8} more ...", *parts[-4:]]
+    return " -> ".join(parts)
+
+
+def check_depth(parent: RunState, workflow: Workflow[Any, Any]) -> None:
+    """Refuse a child run deeper than the limit, in the body that would start it: the
+    error fails that run, and each run above it fails in turn unless its body handles
+    the error, so the whole chain ends."""
+    depth = len(parent.chain)  # the new child's depth
+    limit = max_child_depth()
+    if depth <= limit:
+        return
+    raise ChildDepthError(
+        f"child run depth limit reached: workflow {workflow.name!r} would start at depth "
+        f"{depth}, over the limit of {limit} (chain from the root run: "
+        f"{_describe_chain(parent.chain)})",
+        run_id=parent.run_id,
+        hint="A workflow that calls itself needs a case that stops the recursion; if the "
+        "depth is intended, raise KEEL_MAX_CHILD_DEPTH, then `keel retry` the run",
+    )
 
 
 def start_child(parent: RunState, step: StepState) -> None:
@@ -71,6 +128,7 @@ def _child_main(parent: RunState, step: StepState) -> None:
             strict_replay=reused_from is None,
             reused_from=reused_from,
         )
+        state.chain = (*parent.chain, workflow.name)
         outcome = execute(state, params)
     except BaseException as exc:
         parent.finish_child(step, None, exc)

@@ -16,21 +16,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from keel.engine.interrupts import sigterm_as_interrupt
 from keel.engine.run import RunState, _find_futures
 from keel.engine.session import Session
 from keel.errors import (
     Cancelled,
-    KeelError,
     SerializationError,
     StepFailedError,
     Suspended,
+    Terminated,
     UpstreamFailedError,
+    describe_error,
     qualified_name,
 )
 from keel.sdk.context import set_runtime
 from keel.sdk.definitions import Workflow
 from keel.sdk.futures import StepFuture
 from keel.status import RunStatus
+from keel.store import closing, queue
 from keel.store.batch_parts import Refusal
 from keel.store.limits import clean_text
 from keel.store.metadata import MetadataStore
@@ -139,10 +142,14 @@ running_here: set[str] = set()
 
 
 def execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
-    """Run the body on this thread; wait for its steps; record how the run ended."""
+    """Run the body on this thread; wait for its steps; record how the run ended.
+
+    On the main thread, SIGTERM stops the run as Ctrl-C does (engine/interrupts.py),
+    then ends the process as SIGTERM would have."""
     running_here.add(state.run_id)
     try:
-        return _execute(state, params)
+        with sigterm_as_interrupt(then_die=True):
+            return _execute(state, params)
     finally:
         running_here.discard(state.run_id)
 
@@ -199,13 +206,22 @@ def _execute(state: RunState, params: dict[str, Any]) -> RunOutcome:
             exc.run_id = state.run_id
             status, error = RunStatus.FAILED, exc
     session.recorder.unwatch(state.run_id)
-    session.recorder.run_update(state.run_id, _end_fields(status, stored, error))
+    session.recorder.run_update(state.run_id, _end_fields(status, stored, error, interrupted))
     session.recorder.flush()
     refused = session.recorder.take_refused(state.run_id)
     if refused:
         status, error = _fail_refused(state, refused, status, error)
         if status is RunStatus.FAILED:
             stored = None
+    if status is RunStatus.CANCELLED:
+        # Steps still running after the grace period, child runs that had not ended
+        # yet, and the run's queued work end with the run: nothing stays RUNNING
+        # under a cancelled run, and no worker picks up its steps later.
+        closing.close_run(session.store, state.run_id, _cancel_message(interrupted))
+    elif session.uses_queue:
+        # Outcomes no one collected (a coordinator crashed before a resume that gave
+        # the step a new attempt) do not linger in the queue.
+        queue.drop_steps(session.store, state.run_id)
     if interrupted is not None:
         raise interrupted
     return RunOutcome(state.run_id, status, stored, error)
@@ -240,8 +256,6 @@ _NO_DEADLINE = 10 * 365 * 24 * 3600.0
 
 def _park(state: RunState, suspended: Suspended) -> RunOutcome:
     """Record the run as PENDING until it wakes, and queue it for whoever continues it."""
-    from keel.store import queue
-
     session = state.session
     wake_at = suspended.wake_at if suspended.wake_at is not None else time.time() + _NO_DEADLINE
     session.recorder.unwatch(state.run_id)
@@ -265,8 +279,19 @@ def _park(state: RunState, suspended: Suspended) -> RunOutcome:
     return RunOutcome(state.run_id, RunStatus.PENDING, wake_at=wake_at)
 
 
+def _cancel_message(interrupted: BaseException | None) -> str:
+    if isinstance(interrupted, Terminated):
+        return "the run was interrupted by SIGTERM (its process was asked to stop)"
+    if interrupted is not None:
+        return "the run was interrupted by Ctrl-C (SIGINT)"
+    return "the run was cancelled"
+
+
 def _end_fields(
-    status: RunStatus, stored: StoredValue | None, error: BaseException | None
+    status: RunStatus,
+    stored: StoredValue | None,
+    error: BaseException | None,
+    interrupted: BaseException | None = None,
 ) -> dict[str, Any]:
     fields: dict[str, Any] = {"status": str(status), "ended_at": time.time()}
     if stored is not None:
@@ -287,7 +312,7 @@ def _end_fields(
                 + text
             )
         error_type = qualified_name(type(error))
-        message = error.message if isinstance(error, KeelError) else str(error)
+        message = describe_error(error)
         if isinstance(error, StepFailedError) and error.error_type:
             # The step's exception could not travel back as an object (another
             # process): report its own type and message, as the step's record does.
@@ -295,7 +320,7 @@ def _end_fields(
             message = message.removeprefix(f"{error.error_type}: ")
         fields.update(error_type=error_type, error_message=message, traceback=text)
     elif status is RunStatus.CANCELLED:
-        fields.update(error_type="Cancelled", error_message="the run was cancelled")
+        fields.update(error_type="Cancelled", error_message=_cancel_message(interrupted))
     return fields
 
 

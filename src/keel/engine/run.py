@@ -28,6 +28,7 @@ from keel.errors import (
     StepFailedError,
     Suspended,
     UpstreamFailedError,
+    describe_error,
     qualified_name,
 )
 from keel.executors.base import StepCall, StepOutcome, ValueRef
@@ -167,6 +168,8 @@ class RunState:
         self.strict_replay = strict_replay
         self.reused_from = reused_from
         self.max_concurrency = max_concurrency
+        # The workflows from the root run down to this one (child runs extend it).
+        self.chain: tuple[str, ...] = (workflow.name,)
         self._next_seq = 0
         self._running = 0
         self._running_by_task: dict[str, int] = {}
@@ -236,8 +239,9 @@ class RunState:
     def submit_workflow(
         self, workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> StepFuture[Any]:
-        from keel.engine.children import start_child
+        from keel.engine.children import check_depth, start_child
 
+        check_depth(self, workflow)
         future, row = self._position(workflow.name, "workflow")
         if future.done_flag:
             return future
@@ -677,13 +681,18 @@ class RunState:
         # A cancelled step, or a child run that parked itself, never ran to an end.
         cancelled = isinstance(error, (Cancelled, Suspended))
         step.finished = True
-
-        step.status = StepStatus.PENDING if cancelled else status
-        step.ended_at = None if cancelled else time.time()
+        # Handed back by a stopping worker or parked: another process continues the
+        # run, so the step stays open. Stopped by a cancellation: it is closed.
+        stopped = isinstance(error, Cancelled) and not self.session.handing_back
+        if stopped:
+            step.status = StepStatus.CANCELLED
+        else:
+            step.status = StepStatus.PENDING if cancelled else status
+        step.ended_at = None if cancelled and not stopped else time.time()
         was_running = step.started_at is not None
         if error is not None and error_type is None:
             error_type = qualified_name(type(error))
-            error_message = error.message if isinstance(error, KeelError) else str(error)
+            error_message = describe_error(error)
         if not cancelled or was_running:
             self._recorder.step(self._step_row(step, stored, error_type, error_message))
         if status is StepStatus.SUCCEEDED and step.cache_key:

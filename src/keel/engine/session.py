@@ -67,6 +67,11 @@ class Session:
                     ex = self._executors[chosen] = create_executor(chosen, workers)
         return ex
 
+    @property
+    def uses_queue(self) -> bool:
+        """Whether steps of this session went to the shared work queue."""
+        return "queue" in self._executors
+
     def hand_back(self) -> None:
         """A stopping worker gives its runs back: each parks itself at its next keel
         call (recorded steps kept) and is re-queued for another worker."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from keel.errors import InvalidValueError, KeelError, qualified_name
+from keel.errors import InvalidValueError, KeelError, describe_error, qualified_name
 from keel.executors import capture, live_logs
 from keel.sdk.context import StepContext, set_step
 from keel.store.values import StoredValue, store_value
@@ -143,7 +143,7 @@ def failure(
         error=exc,
         error_type=qualified_name(cls),
         error_mro=tuple(qualified_name(c) for c in cls.__mro__),
-        error_message=exc.message if isinstance(exc, KeelError) else str(exc),
+        error_message=describe_error(exc),
         traceback=tb if tb is not None else "".join(traceback.format_exception(exc)),
         retryable=exc.retryable if isinstance(exc, KeelError) else None,
         logs=logs or [],

@@ -165,7 +165,27 @@ class QueueExecutor:
             log.exception("handling the outcome of step %s/%s failed", call.run_id, call.key)
 
     def cancel(self, run_id: str) -> None:
-        """Attempts already queued stay queued; the engine ignores what they return."""
+        """The run's attempts that no worker has claimed leave the queue and end as
+        cancelled, as the thread pool's unstarted calls do (else a run whose steps
+        wait for a worker that never comes could not stop). Claimed ones finish."""
+        from keel.errors import Cancelled
+
+        with self._lock:
+            unsent = [(c, d) for c, d in self._submitted if c.run_id == run_id]
+            self._submitted = [(c, d) for c, d in self._submitted if c.run_id != run_id]
+            keys = [key for key, (call, _) in self._pending.items() if call.run_id == run_id]
+        taken: list[str] = []
+        if keys and self._store is not None:
+            try:
+                taken = queue.take_queued(self._store, keys)
+            except Exception as exc:  # the database blipped: they stay queued
+                log.warning(
+                    "could not take the queued steps of run %s off the queue: %s", run_id, exc
+                )
+        with self._lock:
+            cancelled = [self._pending.pop(key) for key in taken if key in self._pending]
+        for call, done in unsent + cancelled:
+            self._call(call, done, failure(Cancelled(run_id), time.time(), tb=""))
 
     def shutdown(self, wait: bool = True) -> None:
         self._closed = True

@@ -176,14 +176,32 @@ def enqueue_steps(store: MetadataStore, items: Sequence[StepItem]) -> None:
         _insert_ignore(store, conn, rows)
 
 
-def drop_run(store: MetadataStore, run_id: str) -> None:
-    """Take a run's entry off the queue (the run was cancelled while it waited)."""
+def drop_steps(store: MetadataStore, run_id: str) -> None:
+    """Remove a run's step attempts from the queue once the run has ended: attempts
+    its coordinator no longer waits for, and outcomes no one will collect (those of a
+    coordinator that crashed, whose steps a resume queued again as new attempts)."""
     with store.engine.begin() as conn:
         conn.execute(
-            queue_items.update()
-            .where(queue_items.c.dedupe == f"run:{run_id}", queue_items.c.status != DONE)
-            .values(status=DONE, done_at=time.time(), claimed_by=None, lease_until=None)
+            queue_items.delete().where(queue_items.c.run_id == run_id, queue_items.c.kind == "step")
         )
+
+
+def take_queued(store: MetadataStore, keys: Sequence[str]) -> list[str]:
+    """Remove the step attempts among `keys` (their step_key) that no worker has
+    claimed; returns the keys removed."""
+    taken: list[str] = []
+    with store.engine.begin() as conn:
+        for start in range(0, len(keys), 500):  # well under any bound-parameter limit
+            rows = conn.execute(
+                queue_items.delete()
+                .where(
+                    queue_items.c.dedupe.in_(list(keys[start : start + 500])),
+                    queue_items.c.status == QUEUED,
+                )
+                .returning(queue_items.c.dedupe)
+            )
+            taken += [str(r[0]) for r in rows]
+    return taken
 
 
 def wake_run(store: MetadataStore, run_id: str) -> None:
