@@ -10,6 +10,7 @@ its lease expires. Waits poll with generous timeouts; no wall-clock time is asse
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -386,7 +387,9 @@ def test_an_unknown_pool_is_a_clear_error(backend: str) -> None:
     cli = keel_cli("run", "flows.worker_flows:unknown_pool")
     assert cli.returncode == 1
     assert "unknown pool 'no-such-pool'" in cli.stdout + cli.stderr
-    shown = keel_cli("runs", "show", cli.stdout.split()[1])
+    # Read from the closing "see:" line: a slow start may print a progress line first.
+    (run_id,) = re.findall(r"see: keel runs show (\S+)", cli.stdout + cli.stderr)
+    shown = keel_cli("runs", "show", run_id)
     assert "Create it with `keel pools set no-such-pool SLOTS`" in shown.stdout
 
 
