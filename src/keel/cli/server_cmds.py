@@ -126,6 +126,15 @@ def server(
             "process) or 'queue' (keel worker processes)",
         ),
     ] = "server",
+    takeover: Annotated[
+        bool | None,
+        typer.Option(
+            "--takeover/--no-takeover",
+            help="Continue runs whose owner died (its lease ran out): a killed `keel run`, "
+            "server or worker (default: on with --dispatch server, off with queue, "
+            "where workers take them over)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the REST API (/api/v1), the web UI and the MLflow-compatible API."""
     from keel.server.auth import tokens_configured
@@ -141,6 +150,11 @@ def server(
             code=EXIT_USAGE,
         )
     app = build_app(store, list(workflows or []), dispatch)
+    if takeover if takeover is not None else dispatch == "server":
+        from keel.server.workflows import runner_of
+
+        runner_of(app.state).start_takeover()
+        typer.echo("taking over runs whose owner is lost (--no-takeover to leave them)", err=True)
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"keel server on http://{shown}:{port}/ (API: /api/v1, stop with Ctrl-C)")
     _serve(app, host, port)

@@ -1,0 +1,184 @@
+"""Issue #9, item 10: a run whose owner died is shown as such, and taken over once.
+
+A real `keel run` is killed with SIGKILL while its middle step waits for a gate file.
+After its lease (a short KEEL_LEASE_SECONDS) the run shows "owner lost", since when
+and `keel resume RUN` in `keel runs ls/show` and in the REST run JSON; a real `keel
+server` then takes it over and finishes it; several servers and workers racing take
+it over exactly once. Steps append `NAME PID` to a side-effect file, so the tests
+count how often each step really ran and which process ran it: the step recorded
+before the kill never runs again, the one in flight at the kill runs once more.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from flows.worker_support import (  # reap_processes: an autouse fixture
+    TESTS,
+    Proc,
+    WorkerProcess,
+    child_env,
+    only_run_id,
+    read_lines,
+    reap_processes,  # noqa: F401
+    run_queue_row,
+    run_row,
+    succeeded_seqs,
+    wait_until,
+)
+from server_support import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+FLOW = TESTS / "flows" / "owner_flows.py"
+# The killed run's lease is short so the tests wait little; the takers' leases are
+# long, so a taker on a loaded machine never loses its claim to another racer.
+DEAD_LEASE = "2"
+TAKER_LEASE = "30"
+
+
+def keel_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keel", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+        cwd=TESTS.parent,
+    )
+
+
+class ServerProcess(Proc):
+    """`python -m keel server` on a free loopback port, on this test's store."""
+
+    def __init__(self, logs: Path, label: str, *options: str) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = self.url.rsplit(":", 1)[1]
+        args = [sys.executable, "-m", "keel", "server", "--port", port, *options]
+        super().__init__(logs, label, args, child_env(KEEL_LEASE_SECONDS=TAKER_LEASE))
+
+    def ready(self) -> ServerProcess:
+        """Wait until it answers; itself."""
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{self.url}/api/v1/health", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(f"{self.label} to answer", healthy, self)
+        return self
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        reply = httpx.get(f"{self.url}/api/v1/runs/{run_id}", timeout=60)
+        assert reply.status_code == 200, reply.text
+        return reply.json()  # type: ignore[no-any-return]
+
+
+def effects(out: Path) -> list[tuple[str, int]]:
+    """(step name, pid) of every execution so far."""
+    return [(name, int(pid)) for name, pid in (line.split() for line in read_lines(out))]
+
+
+def kill_mid_run(tmp_path: Path) -> tuple[str, Path, Path, int]:
+    """`keel run` the gated chain, SIGKILL it while its middle step waits for the gate
+    (its first step recorded); the run id, effects file, gate file and dead pid."""
+    out, gate = tmp_path / "effects.txt", tmp_path / "gate"
+    args = [sys.executable, "-m", "keel", "run", f"{FLOW}:gated_chain"]
+    args += ["--param", f"out={out}", "--param", f"gate={gate}"]
+    flow = Proc(tmp_path, "keel-run", args, child_env(KEEL_LEASE_SECONDS=DEAD_LEASE))
+    wait_until("the middle step to start", lambda: ("gated", flow.pid) in effects(out), flow)
+    run_id = only_run_id("gated_chain")
+    wait_until("the first step to be recorded", lambda: bool(succeeded_seqs(run_id)), flow)
+    flow.kill_hard()
+    assert run_row(run_id).status == "RUNNING", "a killed run stays RUNNING in the store"
+    return run_id, out, gate, flow.pid
+
+
+def check_taken_over_once(run_id: str, out: Path, dead_pid: int, takers: list[Proc]) -> None:
+    """The first step ran once (recorded before the kill), the middle one once more
+    (in flight at the kill), the last once, all after the kill in one taker, whose
+    claim is the run entry's second and last."""
+    done = effects(out)
+    assert Counter(name for name, _ in done) == {"first": 1, "gated": 2, "last": 1}, done
+    assert done[:2] == [("first", dead_pid), ("gated", dead_pid)], done
+    (taker_pid,) = {pid for _, pid in done[2:]}
+    assert taker_pid in {t.pid for t in takers}, done
+    entry = run_queue_row(run_id)
+    assert entry.status == "done"
+    assert entry.claims == 2, "claimed by the killed `keel run`, then by one taker only"
+    assert entry.claimed_by.startswith(f"{socket.gethostname()}:{taker_pid}:"), entry
+    assert run_row(run_id).pid == taker_pid
+
+
+def test_a_killed_run_shows_owner_lost_then_a_server_takes_it_over(
+    backend: str, tmp_path: Path
+) -> None:
+    run_id, out, gate, dead_pid = kill_mid_run(tmp_path)
+
+    def listed_lost() -> bool:
+        return "owner lost" in keel_cli("runs", "ls").stdout
+
+    wait_until("`keel runs ls` to show the owner lost", listed_lost)
+    listed = keel_cli("runs", "ls")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{run_id}: owner lost since " in listed.stdout, listed.stdout
+    assert f"resume it with: keel resume {run_id}" in listed.stdout, listed.stdout
+    assert f":{dead_pid}:foreground" in listed.stdout, listed.stdout
+    shown = keel_cli("runs", "show", run_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "owner lost since " in shown.stdout, shown.stdout
+    assert f"keel resume {run_id}" in shown.stdout, shown.stdout
+
+    # A server told not to take runs over shows it over REST, and leaves it alone.
+    watcher = ServerProcess(tmp_path, "watcher", "--no-takeover").ready()
+    body = watcher.run(run_id)
+    assert body["status"] == "RUNNING"
+    lost = body["owner_lost"]
+    assert lost["resume_command"] == f"keel resume {run_id}", body
+    assert lost["owner"].endswith(f":{dead_pid}:foreground"), body
+    assert lost["since"] >= body["started_at"], body
+    page = httpx.get(f"{watcher.url}/api/v1/runs", timeout=60).json()
+    (item,) = [r for r in page["runs"] if r["id"] == run_id]
+    assert item["owner_lost"] == lost
+
+    # A server that takes runs over (the default) continues it from its record.
+    gate.touch()
+    taker = ServerProcess(tmp_path, "taker")
+    wait_until(
+        "the server to finish the run",
+        lambda: watcher.run(run_id)["status"] == "SUCCEEDED",
+        taker,
+        watcher,
+    )
+    assert watcher.run(run_id)["owner_lost"] is None
+    check_taken_over_once(run_id, out, dead_pid, [taker])
+    result = keel_cli("runs", "ls")
+    assert "owner lost" not in result.stdout, result.stdout
+
+
+def test_servers_and_a_worker_racing_take_a_run_over_exactly_once(
+    backend: str, tmp_path: Path
+) -> None:
+    run_id, out, gate, dead_pid = kill_mid_run(tmp_path)
+    gate.touch()
+    # All three start at once and look for runs to take over as soon as they are up.
+    takers: list[Proc] = [
+        WorkerProcess(tmp_path, "worker", "default", lease=float(TAKER_LEASE)),
+        ServerProcess(tmp_path, "server-1"),
+        ServerProcess(tmp_path, "server-2"),
+    ]
+    wait_until(
+        "one of the takers to finish the run",
+        lambda: run_row(run_id).status == "SUCCEEDED",
+        *takers,
+    )
+    check_taken_over_once(run_id, out, dead_pid, takers)
