@@ -11,10 +11,14 @@ before the kill never runs again, the one in flight at the kill runs once more.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +87,40 @@ class ServerProcess(Proc):
         return reply.json()  # type: ignore[no-any-return]
 
 
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's headless Chromium, driven by Selenium (as tests/test_ui.py does)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="keel-owner-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(
+        service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options
+    )
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def shown_text(driver: Any, url: str, css: str) -> str:
+    """The text of the element `css` on the page at `url`, once it shows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    found = WebDriverWait(driver, 60, poll_frequency=0.05).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, css)
+    )
+    return str(found[0].text or found[0].get_attribute("title"))
+
+
 def effects(out: Path) -> list[tuple[str, int]]:
     """(step name, pid) of every execution so far."""
     return [(name, int(pid)) for name, pid in (line.split() for line in read_lines(out))]
@@ -149,6 +187,13 @@ def test_a_killed_run_shows_owner_lost_then_a_server_takes_it_over(
     page = httpx.get(f"{watcher.url}/api/v1/runs", timeout=60).json()
     (item,) = [r for r in page["runs"] if r["id"] == run_id]
     assert item["owner_lost"] == lost
+    with chromium() as driver:
+        box = shown_text(driver, f"{watcher.url}/runs/{run_id}", "#owner-lost")
+        assert "Owner lost" in box and f"keel resume {run_id}" in box, box
+        row = f'tr[data-run-id="{run_id}"] [data-owner-lost]'
+        assert shown_text(driver, f"{watcher.url}/", row).lower() == "owner lost"
+        title = driver.find_element("css selector", row).get_attribute("title")
+        assert f"keel resume {run_id}" in title, title
 
     # A server that takes runs over (the default) continues it from its record.
     gate.touch()

@@ -150,14 +150,20 @@ def server(
             code=EXIT_USAGE,
         )
     app = build_app(store, list(workflows or []), dispatch)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"keel server on http://{shown}:{port}/ (API: /api/v1, stop with Ctrl-C)")
+    ready = threading.Event()
     if takeover if takeover is not None else dispatch == "server":
         from keel.server.workflows import runner_of
 
-        runner_of(app.state).start_takeover()
-        typer.echo("taking over runs whose owner is lost (--no-takeover to leave them)", err=True)
-    shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"keel server on http://{shown}:{port}/ (API: /api/v1, stop with Ctrl-C)")
-    _serve(app, host, port)
+        def take_over() -> None:
+            # Only a server that is up takes runs over (not one that fails to listen).
+            if ready.wait():
+                runner_of(app.state).start_takeover()
+                typer.echo("taking over runs whose owner is lost (--no-takeover: leave them)")
+
+        threading.Thread(target=take_over, daemon=True).start()
+    _serve(app, host, port, ready)
 
 
 def _running(url: str) -> bool:

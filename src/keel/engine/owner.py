@@ -138,12 +138,12 @@ def _settle(store: MetadataStore, run_id: str, claim: queue.Claim, me: str) -> N
     by the engine already; a run that did not end keeps its claim until the lease
     runs out, for a taker)."""
     try:
-        row = store.get_run(run_id)
+        row = with_retry(lambda: store.get_run(run_id), what=f"reading run {run_id}")
         if row is not None and row.status in (
             RunStatus.SUCCEEDED,
             RunStatus.FAILED,
             RunStatus.CANCELLED,
         ):
-            queue.complete(store, claim.id, me)
+            with_retry(lambda: queue.complete(store, claim.id, me), what=f"ending run {run_id}")
     except sa.exc.SQLAlchemyError:
-        pass  # the store is gone: the lease runs out, and a taker finds the run ended
+        pass  # the store stayed away: the lease runs out, and a taker finds the run ended
