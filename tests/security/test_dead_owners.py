@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
+import keel
+from flows import owner_flows
 from flows.worker_support import (  # reap_processes: an autouse fixture
     TESTS,
     Proc,
@@ -35,9 +38,13 @@ from flows.worker_support import (  # reap_processes: an autouse fixture
     reap_processes,  # noqa: F401
     run_queue_row,
     run_row,
+    store,
     succeeded_seqs,
     wait_until,
 )
+from keel.errors import RunStateError
+from keel.store import queue
+from keel.store.schema import queue_items
 from server_support import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -227,3 +234,38 @@ def test_servers_and_a_worker_racing_take_a_run_over_exactly_once(
         *takers,
     )
     check_taken_over_once(run_id, out, dead_pid, takers)
+
+
+def test_resume_respects_a_live_lease_elsewhere_and_takes_a_lost_one(
+    backend: str, tmp_path: Path
+) -> None:
+    """keel cannot look at processes on another host: it trusts their lease."""
+    out, gate = tmp_path / "effects.txt", tmp_path / "gate"
+    gate.touch()
+    handle = keel.run(owner_flows.gated_chain, out=str(out), gate=str(gate))
+    assert handle.status == "SUCCEEDED"
+    # The run as if another host drove it now: RUNNING, its entry claimed there.
+    st = store()
+    st.update_run(handle.id, status="RUNNING", ended_at=None, host="elsewhere", pid=1)
+    elsewhere = "elsewhere:1:foreground"
+    claim = queue.take_run(st, handle.id, elsewhere, queue="default", priority=0, lease_seconds=600)
+    assert claim is not None
+    assert queue.take_run(st, handle.id, "another:2:x", queue="default", priority=0,
+                          lease_seconds=600) is None  # fmt: skip
+    with pytest.raises(RunStateError, match="still running"):
+        keel.resume(handle.id)
+    assert queue.lost_owners(st, [handle.id]) == {}
+
+    # That owner's lease runs out: the run's owner is lost, and resuming needs no force.
+    with st.engine.begin() as conn:
+        conn.execute(
+            queue_items.update()
+            .where(queue_items.c.id == claim.id)
+            .values(lease_until=time.time() - 1)
+        )
+    assert queue.lost_owners(st, [handle.id])[handle.id].owner == elsewhere
+    assert keel.resume(handle.id).status == "SUCCEEDED"
+    assert Counter(name for name, _ in effects(out)) == {"first": 1, "gated": 1, "last": 1}
+    entry = run_queue_row(handle.id)
+    assert (entry.status, entry.claims) == ("done", 3), "keel.run, elsewhere, the resume"
+    assert queue.lost_owners(st, [handle.id]) == {}

@@ -94,12 +94,13 @@ def start_run(
         workflow.validator.to_json(clean),
         executor=session.executor_name or workflow.executor,
     )
-    record_new_run(session, row, clean)
+    # This process owns the run while it drives it: if it dies, the lease runs out
+    # and a server or worker takes the run over (engine/owner.py).
+    entry_id = record_new_run(session, row, clean, owner.new_entry(run_id))
+    assert entry_id is not None
     state = fresh_state(session, run_id, workflow, {})
     try:
-        # This process owns the run while it drives it: if it dies, the lease runs out
-        # and a server or worker takes the run over (engine/owner.py).
-        with owner.owning(store, row):
+        with owner.holding(store, run_id, entry_id):
             outcome = execute(state, clean)
         if outcome.status is RunStatus.PENDING:
             _follow(session, run_id, workflow)
@@ -336,7 +337,7 @@ def resume(
             # A server or worker took the run over meanwhile: follow it from here.
             _follow(session, rid, None)
             return RunHandle(rid, store)
-        with owner.holding(store, rid, claim):
+        with owner.holding(store, rid, claim.id):
             outcome = continue_run(session, rid, resuming=True)
         if outcome.status is RunStatus.PENDING:
             _follow(session, rid, None)
@@ -355,8 +356,10 @@ class PreparedRetry:
         params: dict[str, Any],
         session: Session,
         workflow: Workflow[Any, Any],
+        entry_id: int,
     ) -> None:
         self.id: str = state.run_id
+        self._entry_id = entry_id
         self._state = state
         self._params = params
         self._session = session
@@ -366,8 +369,7 @@ class PreparedRetry:
         """Run the retry to its end on this thread; a wait that parks it (a long sleep,
         a signal) is waited out here, as `keel.run` does."""
         try:
-            store = self._session.store
-            with owner.owning(store, store.get_run(self.id)):
+            with owner.holding(self._session.store, self.id, self._entry_id):
                 outcome = execute(self._state, self._params)
             if outcome.status is RunStatus.PENDING:
                 _follow(self._session, self.id, self._workflow)
@@ -399,9 +401,10 @@ def prepare_retry(
     new_row = new_run_row(
         store, new_id, wf, wf.validator.to_json(params), executor=row.executor, retry_of=rid
     )
-    record_new_run(session, new_row, params)
+    entry_id = record_new_run(session, new_row, params, owner.new_entry(new_id))
+    assert entry_id is not None
     state = fresh_state(session, new_id, wf, recorded, strict_replay=False, reused_from=rid)
-    return PreparedRetry(state, params, session, wf)
+    return PreparedRetry(state, params, session, wf, entry_id)
 
 
 def retry(

@@ -14,13 +14,10 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
 
-from keel.errors import RunStateError
-from keel.status import RunStatus
 from keel.store import queue
 from keel.store.metadata import MetadataStore
 from keel.store.retry import with_retry
@@ -83,10 +80,8 @@ def dead_owner(lease: queue.RunLease | None) -> str | None:
 
 
 def take(store: MetadataStore, row: Any, *, force: bool = False) -> queue.Claim | None:
-    """Claim the run (its row, or the dict of a new one) for this process, or None if
-    another live owner holds it (`force`: take it from that owner anyway)."""
-    if isinstance(row, dict):
-        row = SimpleNamespace(**row)
+    """Claim the run (its row) for this process, or None if another live owner holds
+    it (`force`: take it from that owner anyway)."""
     lease = with_retry(lambda: queue.run_lease(store, row.id), what=f"reading run {row.id}")
     evict = lease.owner if lease is not None and force else dead_owner(lease)
     return with_retry(
@@ -94,8 +89,8 @@ def take(store: MetadataStore, row: Any, *, force: bool = False) -> queue.Claim 
             store,
             row.id,
             foreground_id(),
-            queue=getattr(row, "queue", None) or "default",
-            priority=getattr(row, "priority", None) or 0,
+            queue=row.queue or "default",
+            priority=row.priority or 0,
             lease_seconds=LEASE_SECONDS,
             evict=evict,
         ),
@@ -103,47 +98,34 @@ def take(store: MetadataStore, row: Any, *, force: bool = False) -> queue.Claim 
     )
 
 
+def new_entry(run_id: str) -> dict[str, Any]:
+    """The queue entry of a run this process records now and drives at once, claimed
+    by it from the start (inserted with the run: MetadataStore.insert_run)."""
+    return queue.claimed_entry(
+        run_id, foreground_id(), queue="default", priority=0, lease_seconds=LEASE_SECONDS
+    )
+
+
 @contextmanager
-def holding(store: MetadataStore, run_id: str, claim: queue.Claim) -> Iterator[None]:
-    """Renew the claim in the background while the body of the `with` drives the run.
-    On leaving: the run's entry is marked done if the run ended, and left to its lease
-    otherwise (so a crash here makes it a run whose owner is lost)."""
+def holding(store: MetadataStore, run_id: str, item_id: int) -> Iterator[None]:
+    """Renew the claim on the run's entry `item_id` in the background while the body
+    of the `with` drives the run. On leaving: the entry is marked done if the run
+    ended, and left to its lease otherwise (so a crash here makes it a run whose
+    owner is lost, for a taker)."""
     keeper = keeper_for(store)
-    keeper.hold(claim.id)
+    keeper.hold(item_id)
     try:
         yield
     finally:
-        keeper.drop(claim.id)
-        _settle(store, run_id, claim, foreground_id())
+        keeper.drop(item_id)
+        _settle(store, run_id, item_id, foreground_id())
 
 
-@contextmanager
-def owning(store: MetadataStore, row: Any) -> Iterator[None]:
-    """`take` the run (a RunStateError if another live owner holds it), then hold it."""
-    claim = take(store, row)
-    run_id = row["id"] if isinstance(row, dict) else row.id
-    if claim is None:
-        holder = queue.run_lease(store, run_id)
-        raise RunStateError(
-            f"run {run_id} is driven by {holder.owner if holder else 'another process'}",
-            run_id=run_id,
-            hint="Wait for it, cancel it (keel cancel), or pass --force if that process is gone",
-        )
-    with holding(store, run_id, claim):
-        yield
-
-
-def _settle(store: MetadataStore, run_id: str, claim: queue.Claim, me: str) -> None:
+def _settle(store: MetadataStore, run_id: str, item_id: int, me: str) -> None:
     """Retire the run's entry if the run has ended (a parked run's entry was re-armed
     by the engine already; a run that did not end keeps its claim until the lease
     runs out, for a taker)."""
     try:
-        row = with_retry(lambda: store.get_run(run_id), what=f"reading run {run_id}")
-        if row is not None and row.status in (
-            RunStatus.SUCCEEDED,
-            RunStatus.FAILED,
-            RunStatus.CANCELLED,
-        ):
-            with_retry(lambda: queue.complete(store, claim.id, me), what=f"ending run {run_id}")
+        with_retry(lambda: queue.complete_if_ended(store, item_id, me), what=f"ending {run_id}")
     except sa.exc.SQLAlchemyError:
         pass  # the store stayed away: the lease runs out, and a taker finds the run ended

@@ -500,6 +500,39 @@ def take_run(
     return Claim(*got) if got is not None else None
 
 
+def claimed_entry(
+    run_id: str, owner: str, *, queue: str, priority: int, lease_seconds: float
+) -> dict[str, Any]:
+    """The queue entry of a new run, claimed by its owner from the start: inserted in
+    the run's own transaction (MetadataStore.insert_run), so no run is ever recorded
+    without the lease that tells whether its owner lives."""
+    now = time.time()
+    row = _row(f"run:{run_id}", "run", run_id, None, None, queue, priority, None, None, now)
+    row.update(status=CLAIMED, claimed_by=owner, lease_until=now + lease_seconds, claims=1)
+    return row
+
+
+def complete_if_ended(store: MetadataStore, item_id: int, owner: str) -> bool:
+    """Mark an owner's run entry done if its run has ended (one statement: a run that
+    parked re-armed its entry already, one that did not end keeps its claim)."""
+    ended = sa.select(runs.c.id).where(
+        runs.c.id == queue_items.c.run_id,
+        runs.c.status.in_(("SUCCEEDED", "FAILED", "CANCELLED")),
+    )
+    with store.engine.begin() as conn:
+        done = conn.execute(
+            queue_items.update()
+            .where(
+                queue_items.c.id == item_id,
+                queue_items.c.claimed_by == owner,
+                queue_items.c.status == CLAIMED,
+                ended.exists(),
+            )
+            .values(status=DONE, done_at=time.time(), lease_until=None)
+        ).rowcount
+    return bool(done)
+
+
 @dataclass(frozen=True, slots=True)
 class RunLease:
     """Who holds a run's entry, and until when (see run_lease)."""
