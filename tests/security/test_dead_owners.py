@@ -269,3 +269,22 @@ def test_resume_respects_a_live_lease_elsewhere_and_takes_a_lost_one(
     entry = run_queue_row(handle.id)
     assert (entry.status, entry.claims) == ("done", 3), "keel.run, elsewhere, the resume"
     assert queue.lost_owners(st, [handle.id]) == {}
+
+
+def test_cancelling_a_run_whose_owner_is_lost_ends_it_for_takers_too(
+    backend: str, tmp_path: Path
+) -> None:
+    out, gate = tmp_path / "effects.txt", tmp_path / "gate"
+    gate.touch()
+    handle = keel.run(owner_flows.gated_chain, out=str(out), gate=str(gate))
+    # The run as if its owner on another host died: RUNNING, a lease that ran out.
+    st = store()
+    st.update_run(handle.id, status="RUNNING", ended_at=None, host="elsewhere", pid=1)
+    claim = queue.take_run(
+        st, handle.id, "elsewhere:1:foreground", queue="default", priority=0, lease_seconds=-1
+    )
+    assert claim is not None and handle.id in queue.lost_owners(st, [handle.id])
+    assert keel.cancel(handle.id) == "CANCELLED"
+    assert run_queue_row(handle.id).status == "done"
+    assert queue.claim_lost_run(st, "taker", lease_seconds=30) is None
+    assert queue.lost_owners(st, [handle.id]) == {}

@@ -435,6 +435,8 @@ def cancel(run_id: str, *, store: MetadataStore | None = None) -> str:
         # Waiting in the queue (submitted, parked): no process runs it; stop it here.
         queue.drop_run(store, rid)
     if row.status == RunStatus.PENDING or not _owner_alive(row, store):
+        # Its owner is gone: retire the entry it held too, so no taker picks it up.
+        queue.drop_run(store, rid)
         store.update_run(
             rid,
             status=str(RunStatus.CANCELLED),
