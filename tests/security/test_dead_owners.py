@@ -11,6 +11,7 @@ before the kill never runs again, the one in flight at the kill runs once more.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -180,7 +181,7 @@ def test_a_killed_run_shows_owner_lost_then_a_server_takes_it_over(
     assert f":{dead_pid}:foreground" in listed.stdout, listed.stdout
     shown = keel_cli("runs", "show", run_id)
     assert shown.returncode == 0, shown.stderr
-    assert "owner lost since " in shown.stdout, shown.stdout
+    assert re.search(r"^owner +lost since ", shown.stdout, re.M), shown.stdout
     assert f"keel resume {run_id}" in shown.stdout, shown.stdout
 
     # A server told not to take runs over shows it over REST, and leaves it alone.

@@ -138,7 +138,8 @@ def _header(out: Console, run: Run, lost: LostOwner | None = None) -> None:
     grid.add_row("workflow", Text(run.workflow))
     grid.add_row("status", status_text(run.status))
     if lost is not None:
-        grid.add_row("owner", Text(lost_line(run.id, lost), style="bold red"))
+        text = lost_line(run.id, lost).removeprefix("owner ")
+        grid.add_row("owner", Text(text, style="bold red"))
     grid.add_row("params", Text(json.dumps(run.params, sort_keys=True)))
     grid.add_row("created", Text(when(run.created_at)))
     grid.add_row("started", Text(when(run.started_at)))
