@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from keel.client import Run
+    from keel.store.metadata import MetadataStore
+    from keel.store.queue import LostOwner
 
 RUN_STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TRACEBACKS_SHOWN = 3
@@ -31,6 +33,29 @@ def _statuses(text: str | None) -> list[str] | None:
             code=EXIT_USAGE,
         )
     return wanted
+
+
+def lost_owners(store: MetadataStore, found: list[Run]) -> dict[str, LostOwner]:
+    """The unfinished runs among `found` whose owner stopped renewing its lease (a
+    child run, through its root), by run id."""
+    from keel.store import queue
+
+    roots = {r.id: r.id.split(".")[0] for r in found if r.status in ("RUNNING", "PENDING")}
+    lost = queue.lost_owners(store, list(roots.values()))
+    return {rid: lost[root] for rid, root in roots.items() if root in lost}
+
+
+def lost_line(run_id: str, lost: LostOwner) -> str:
+    """What to say of a run whose owner is lost: since when, and what continues it."""
+    from datetime import UTC, datetime
+
+    from keel.cli.display import when
+
+    root = run_id.split(".")[0]
+    return (
+        f"owner lost since {when(datetime.fromtimestamp(lost.since, UTC))} "
+        f"({lost.owner} stopped renewing its lease); resume it with: keel resume {root}"
+    )
 
 
 def ls(
@@ -74,6 +99,7 @@ def ls(
         out.print(f"no runs{filters} in the store at {client.store.url}", markup=False)
         return
     counts = queries.step_counts(client.store, [r.id for r in runs])
+    lost = lost_owners(client.store, runs)
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in ("ID", "WORKFLOW", "STATUS", "STARTED", "DURATION", "STEPS"):
         table.add_column(name, no_wrap=name in ("ID", "STATUS", "STARTED"))
@@ -85,18 +111,21 @@ def ls(
         table.add_row(
             Text(run.id),
             Text(run.workflow),
-            status_text(run.status),
+            status_text(run.status).append(", owner lost" if run.id in lost else "", "bold red"),
             Text(when(run.started_at)),
             Text(duration(took)),
             counts_line(counts.get(run.id, {})),
         )
     out.print(table)
+    for run in runs:
+        if run.id in lost:
+            out.print(Text(f"{run.id}: {lost_line(run.id, lost[run.id])}", style="red"))
     if not show_all and len(runs) == limit:
         err = console(stderr=True)
         err.print(f"(the newest {limit}; --limit N or --all for more)", style="dim", markup=False)
 
 
-def _header(out: Console, run: Run) -> None:
+def _header(out: Console, run: Run, lost: LostOwner | None = None) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -108,6 +137,9 @@ def _header(out: Console, run: Run) -> None:
     grid.add_row("run", Text(run.id))
     grid.add_row("workflow", Text(run.workflow))
     grid.add_row("status", status_text(run.status))
+    if lost is not None:
+        text = lost_line(run.id, lost).removeprefix("owner ")
+        grid.add_row("owner", Text(text, style="bold red"))
     grid.add_row("params", Text(json.dumps(run.params, sort_keys=True)))
     grid.add_row("created", Text(when(run.created_at)))
     grid.add_row("started", Text(when(run.started_at)))
@@ -148,7 +180,7 @@ def show(
     client = open_client(ctx)
     run = client.run(run_id)
     out = console()
-    _header(out, run)
+    _header(out, run, lost_owners(client.store, [run]).get(run.id))
     counts = queries.step_counts(client.store, [run.id])[run.id]
     tree = Tree(Text("steps: ", style="bold").append_text(counts_line(counts)))
     opts = TreeOptions(show_all=show_all)

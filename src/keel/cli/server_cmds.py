@@ -126,6 +126,15 @@ def server(
             "process) or 'queue' (keel worker processes)",
         ),
     ] = "server",
+    takeover: Annotated[
+        bool | None,
+        typer.Option(
+            "--takeover/--no-takeover",
+            help="Continue runs whose owner died (its lease ran out): a killed `keel run`, "
+            "server or worker (default: on with --dispatch server, off with queue, "
+            "where workers take them over)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the REST API (/api/v1), the web UI and the MLflow-compatible API."""
     from keel.server.auth import tokens_configured
@@ -143,7 +152,18 @@ def server(
     app = build_app(store, list(workflows or []), dispatch)
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"keel server on http://{shown}:{port}/ (API: /api/v1, stop with Ctrl-C)")
-    _serve(app, host, port)
+    ready = threading.Event()
+    if takeover if takeover is not None else dispatch == "server":
+        from keel.server.workflows import runner_of
+
+        def take_over() -> None:
+            # Only a server that is up takes runs over (not one that fails to listen).
+            if ready.wait():
+                runner_of(app.state).start_takeover()
+                typer.echo("taking over runs whose owner is lost (--no-takeover: leave them)")
+
+        threading.Thread(target=take_over, daemon=True).start()
+    _serve(app, host, port, ready)
 
 
 def _running(url: str) -> bool:

@@ -9,6 +9,7 @@ import socket
 import time
 from typing import Any
 
+from keel.engine import owner
 from keel.engine.execute import (
     RunOutcome,
     execute,
@@ -18,6 +19,7 @@ from keel.engine.execute import (
     record_new_run,
     running_here,
 )
+from keel.engine.owner import LEASE_SECONDS as LEASE_SECONDS
 from keel.engine.run import RunState
 from keel.engine.session import Session
 from keel.errors import RunStateError
@@ -92,10 +94,14 @@ def start_run(
         workflow.validator.to_json(clean),
         executor=session.executor_name or workflow.executor,
     )
-    record_new_run(session, row, clean)
+    # This process owns the run while it drives it: if it dies, the lease runs out
+    # and a server or worker takes the run over (engine/owner.py).
+    entry_id = record_new_run(session, row, clean, owner.new_entry(run_id))
+    assert entry_id is not None
     state = fresh_state(session, run_id, workflow, {})
     try:
-        outcome = execute(state, clean)
+        with owner.holding(store, run_id, entry_id):
+            outcome = execute(state, clean)
         if outcome.status is RunStatus.PENDING:
             _follow(session, run_id, workflow)
     finally:
@@ -103,9 +109,6 @@ def start_run(
     return RunHandle(run_id, store)
 
 
-# How long a claim on a queued run or step stays valid without renewal: a claimer
-# that dies is replaced by another after at most this long.
-LEASE_SECONDS = float(os.environ.get("KEEL_LEASE_SECONDS", "30"))
 _POLL_SECONDS = 0.2
 
 
@@ -150,7 +153,7 @@ def _follow(session: Session, run_id: str, workflow: Workflow[Any, Any] | None) 
     """Block until a parked run ends: continue it here whenever it wakes (a timer
     expired, a signal arrived), unless a worker took it first, then wait for that."""
     store = session.store
-    me = f"{socket.gethostname()}:{os.getpid()}:foreground"
+    me = owner.foreground_id()
     keeper = queue.LeaseKeeper(store, me, LEASE_SECONDS)
     try:
         while True:
@@ -264,7 +267,15 @@ def locate_workflow(name: str, entrypoint: str | None) -> Workflow[Any, Any]:
     return load_workflow(entrypoint)
 
 
-def _owner_alive(row: Any) -> bool:
+def _owner_alive(row: Any, store: MetadataStore | None = None) -> bool:
+    """Whether a process may still drive the run: its owner holds a live lease on the
+    run's entry (any host); else, for runs with no claimed entry, its recorded process."""
+    if row.pid == os.getpid() and row.host == socket.gethostname() and row.id in running_here:
+        return True
+    if store is not None and not row.parent_id:
+        lease = queue.run_lease(store, row.id)
+        if lease is not None and lease.status == queue.CLAIMED:
+            return owner.dead_owner(lease) is None
     if row.pid is None:
         return False
     if row.pid == os.getpid() and row.host == socket.gethostname():
@@ -312,7 +323,7 @@ def resume(
     rid = row.id
     if row.status == RunStatus.SUCCEEDED:
         return RunHandle(rid, store)
-    if row.status == RunStatus.RUNNING and not force and _owner_alive(row):
+    if row.status == RunStatus.RUNNING and not force and _owner_alive(row, store):
         raise RunStateError(
             f"run {rid} is still running in process {row.pid} on {row.host}",
             run_id=rid,
@@ -323,7 +334,15 @@ def resume(
         if row.status == RunStatus.PENDING and queue.item_id_for(store, f"run:{rid}") is not None:
             # Parked or queued: whoever claims it continues it; follow it from here.
             _follow(session, rid, None)
-        elif continue_run(session, rid, resuming=True).status is RunStatus.PENDING:
+            return RunHandle(rid, store)
+        claim = owner.take(store, row, force=force)
+        if claim is None:
+            # A server or worker took the run over meanwhile: follow it from here.
+            _follow(session, rid, None)
+            return RunHandle(rid, store)
+        with owner.holding(store, rid, claim.id):
+            outcome = continue_run(session, rid, resuming=True)
+        if outcome.status is RunStatus.PENDING:
             _follow(session, rid, None)
     finally:
         session.close()
@@ -340,8 +359,10 @@ class PreparedRetry:
         params: dict[str, Any],
         session: Session,
         workflow: Workflow[Any, Any],
+        entry_id: int,
     ) -> None:
         self.id: str = state.run_id
+        self._entry_id = entry_id
         self._state = state
         self._params = params
         self._session = session
@@ -351,7 +372,9 @@ class PreparedRetry:
         """Run the retry to its end on this thread; a wait that parks it (a long sleep,
         a signal) is waited out here, as `keel.run` does."""
         try:
-            if execute(self._state, self._params).status is RunStatus.PENDING:
+            with owner.holding(self._session.store, self.id, self._entry_id):
+                outcome = execute(self._state, self._params)
+            if outcome.status is RunStatus.PENDING:
                 _follow(self._session, self.id, self._workflow)
         finally:
             self._session.close()
@@ -369,7 +392,7 @@ def prepare_retry(
     store = store or (session.store if session else open_store())
     row = _top_level_run(store, run_id, "retry")
     rid = row.id
-    if row.status not in FINISHED_RUN and _owner_alive(row):
+    if row.status not in FINISHED_RUN and _owner_alive(row, store):
         raise RunStateError(
             f"run {rid} is still running", run_id=rid, hint="Wait for it or cancel it first"
         )
@@ -381,9 +404,10 @@ def prepare_retry(
     new_row = new_run_row(
         store, new_id, wf, wf.validator.to_json(params), executor=row.executor, retry_of=rid
     )
-    record_new_run(session, new_row, params)
+    entry_id = record_new_run(session, new_row, params, owner.new_entry(new_id))
+    assert entry_id is not None
     state = fresh_state(session, new_id, wf, recorded, strict_replay=False, reused_from=rid)
-    return PreparedRetry(state, params, session, wf)
+    return PreparedRetry(state, params, session, wf, entry_id)
 
 
 def retry(
@@ -410,7 +434,7 @@ def cancel(run_id: str, *, store: MetadataStore | None = None) -> str:
     if row.status in FINISHED_RUN:
         return str(row.status)
     store.request_cancel(rid)
-    if row.status == RunStatus.PENDING or not _owner_alive(row):
+    if row.status == RunStatus.PENDING or not _owner_alive(row, store):
         # Waiting in the queue (submitted, parked) or its process is gone: no one
         # else will end it, so end it here with its open steps, child runs and
         # queued work. (A live owner does the same when it stops.)

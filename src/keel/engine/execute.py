@@ -108,10 +108,16 @@ def new_run_row(
     }
 
 
-def record_new_run(session: Session, row: dict[str, Any], params: Mapping[str, Any]) -> None:
-    """Insert the run (at once, so a bad database fails here) and track its parameters
-    and the workflow's tags as the run's params and tags."""
-    session.store.insert_run(row)
+def record_new_run(
+    session: Session,
+    row: dict[str, Any],
+    params: Mapping[str, Any],
+    entry: dict[str, Any] | None = None,
+) -> int | None:
+    """Insert the run (at once, so a bad database fails here), with its queue `entry`
+    if given (returns its id), and track its parameters and the workflow's tags as
+    the run's params and tags."""
+    entry_id = session.store.insert_run(row, entry)
     run_id = row["id"]
     texts = {}
     for key, value in params.items():
@@ -127,6 +133,7 @@ def record_new_run(session: Session, row: dict[str, Any], params: Mapping[str, A
     for key, value in json.loads(row["tags"] or "{}").items():
         tag = clean_text(str(value))[:MAX_TAG_LENGTH]
         session.recorder.tag((run_id, -1, clean_text(key)[:MAX_KEY_LENGTH], tag))
+    return entry_id
 
 
 def _user() -> str:

@@ -10,7 +10,8 @@ A run started over HTTP is first recorded as queued (PENDING, with a queue entry
 exactly like `keel.submit`. Then, with dispatch "server" (the default), a thread of
 the server claims it and runs it; with dispatch "queue" it waits for `keel worker`
 processes. Either way a server that dies mid-run loses nothing: the claim's lease
-runs out and any worker (or the next server) continues the run by replay.
+runs out and any worker, or a server that takes runs over (`keel server
+--takeover`, the default with dispatch "server"), continues the run by replay.
 """
 
 from __future__ import annotations
@@ -260,6 +261,27 @@ class Runner:
         """Claim the queued run (whenever it is due) and run it here until it ends."""
         self._start(run_id, self._follow, run_id)
 
+    def start_takeover(self) -> None:
+        """Take over, one at a time and exactly once across processes, every run whose
+        owner stopped renewing its lease (a killed `keel run`, server or worker)."""
+        thread = threading.Thread(target=self._take_over, name="keel-takeover", daemon=True)
+        thread.start()
+
+    def _take_over(self) -> None:
+        # One indexed query a turn (ix_keel_queue_lease): cheap enough to look every second.
+        every = min(max(self.lease_seconds / 3, 0.2), 1.0)
+        while not self._stop.is_set():
+            try:
+                claim = queue.claim_lost_run(self.store, self.id, lease_seconds=self.lease_seconds)
+            except Exception as exc:  # a database blip: look again at the next turn
+                log.warning("looking for runs to take over failed: %s", exc)
+                claim = None
+            if claim is None:
+                self._stop.wait(every)
+                continue
+            log.warning("taking over run %s: its owner stopped renewing its lease", claim.run_id)
+            self._start(claim.run_id, self._follow, claim.run_id, claim)
+
     def _start(self, run_id: str, target: Any, *args: Any) -> None:
         with self._lock:
             if self._keeper is None:
@@ -291,13 +313,19 @@ class Runner:
             except Exception as again:  # the store is gone too: the lease runs out instead
                 log.error("could not record the failure of run %s: %s", run_id, again)
 
-    def _follow(self, run_id: str) -> None:
+    def _follow(self, run_id: str, taken: queue.Claim | None = None) -> None:
         from keel.engine.api import continue_run, new_session
 
         keeper = self._keeper
         assert keeper is not None
         while not self._stop.is_set():
-            claim = queue.claim_run(self.store, self.id, run_id, lease_seconds=self.lease_seconds)
+            if taken is not None:
+                claim: queue.Claim | None = taken
+                taken = None
+            else:
+                claim = queue.claim_run(
+                    self.store, self.id, run_id, lease_seconds=self.lease_seconds
+                )
             if claim is None:
                 row = self.store.get_run(run_id)
                 if row is None or row.status in FINISHED_RUN:

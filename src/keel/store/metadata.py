@@ -289,9 +289,18 @@ class MetadataStore:
             self._sql_cache[key] = sql
         return sql
 
-    def insert_run(self, row: dict[str, Any]) -> None:
+    def insert_run(self, row: dict[str, Any], entry: dict[str, Any] | None = None) -> int | None:
+        """Insert a run, and with it (same transaction) its queue `entry` if given;
+        the entry's id."""
         with self.engine.begin() as conn:
             conn.execute(runs.insert(), [row])
+            if entry is None:
+                return None
+            return int(
+                conn.execute(
+                    schema.queue_items.insert().values(entry).returning(schema.queue_items.c.id)
+                ).scalar_one()
+            )
 
     def update_run(self, run_id: str, **values: Any) -> None:
         with self.engine.begin() as conn:

@@ -6,6 +6,11 @@ any number of hosts never take the same item; on SQLite the claiming UPDATE runs
 one write transaction, which SQLite serializes. An item whose lease ran out (its
 worker died) is claimable again. A pool caps how many claimed items of its name
 may be held at once across all workers.
+
+A run's entry is also how the process driving it (a worker, a server thread, the
+`keel run` in the foreground) shows it is alive: it holds the entry's claim and
+renews the lease. A run whose entry is claimed with a lease that ran out has lost
+its owner (`lost_owners`); `claim_lost_run` hands it to exactly one taker.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sqlalchemy as sa
 
 from keel.errors import ConfigError
 from keel.store.metadata import MetadataStore
-from keel.store.schema import pools, queue_items, workers
+from keel.store.schema import pools, queue_items, runs, workers
 
 QUEUED, CLAIMED, DONE = "queued", "claimed", "done"
 
@@ -474,6 +479,181 @@ def claim_run(
             .returning(*_CLAIM_COLUMNS)
         ).first()
     return Claim(*row) if row is not None else None
+
+
+def take_run(
+    store: MetadataStore,
+    run_id: str,
+    owner: str,
+    *,
+    queue: str,
+    priority: int,
+    lease_seconds: float,
+    evict: str | None = None,
+) -> Claim | None:
+    """Become the owner of a run that is about to be driven here (started, resumed):
+    its entry is created if it has none, and claimed unless another owner holds a
+    live lease on it. `evict` names an owner the caller knows is gone (its process
+    died on this host, or the user forced it), whose claim is taken even before its
+    lease runs out. One transaction, a compare-and-set on the claim: of several
+    processes taking the same run at once, one gets it and the others None."""
+    now = time.time()
+    dedupe = f"run:{run_id}"
+    row = _row(dedupe, "run", run_id, None, None, queue, priority, None, None, now)
+    free = sa.or_(
+        queue_items.c.status != CLAIMED,
+        queue_items.c.lease_until < now,
+        queue_items.c.claimed_by == owner,
+    )
+    if evict is not None:
+        free = sa.or_(free, queue_items.c.claimed_by == evict)
+    with store.engine.begin() as conn:
+        _insert_ignore(store, conn, [row])
+        got = conn.execute(
+            queue_items.update()
+            .where(queue_items.c.dedupe == dedupe, free)
+            .values(**_claimed_values(owner, now, lease_seconds), not_before=now, done_at=None)
+            .returning(*_CLAIM_COLUMNS)
+        ).first()
+    return Claim(*got) if got is not None else None
+
+
+def claimed_entry(
+    run_id: str, owner: str, *, queue: str, priority: int, lease_seconds: float
+) -> dict[str, Any]:
+    """The queue entry of a new run, claimed by its owner from the start: inserted in
+    the run's own transaction (MetadataStore.insert_run), so no run is ever recorded
+    without the lease that tells whether its owner lives."""
+    now = time.time()
+    row = _row(f"run:{run_id}", "run", run_id, None, None, queue, priority, None, None, now)
+    row.update(status=CLAIMED, claimed_by=owner, lease_until=now + lease_seconds, claims=1)
+    return row
+
+
+def complete_if_ended(store: MetadataStore, item_id: int, owner: str) -> bool:
+    """Mark an owner's run entry done if its run has ended (one statement: a run that
+    parked re-armed its entry already, one that did not end keeps its claim)."""
+    ended = sa.select(runs.c.id).where(
+        runs.c.id == queue_items.c.run_id,
+        runs.c.status.in_(("SUCCEEDED", "FAILED", "CANCELLED")),
+    )
+    with store.engine.begin() as conn:
+        done = conn.execute(
+            queue_items.update()
+            .where(
+                queue_items.c.id == item_id,
+                queue_items.c.claimed_by == owner,
+                queue_items.c.status == CLAIMED,
+                ended.exists(),
+            )
+            .values(status=DONE, done_at=time.time(), lease_until=None)
+        ).rowcount
+    return bool(done)
+
+
+@dataclass(frozen=True, slots=True)
+class RunLease:
+    """Who holds a run's entry, and until when (see run_lease)."""
+
+    status: str
+    owner: str | None
+    lease_until: float | None
+
+    def lost(self, now: float | None = None) -> bool:
+        """Claimed by an owner that stopped renewing its lease."""
+        moment = time.time() if now is None else now
+        return self.status == CLAIMED and (self.lease_until or 0.0) < moment
+
+
+def run_lease(store: MetadataStore, run_id: str) -> RunLease | None:
+    """The state of a (root) run's queue entry, or None if it has none."""
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(
+                queue_items.c.status, queue_items.c.claimed_by, queue_items.c.lease_until
+            ).where(queue_items.c.dedupe == f"run:{run_id}")
+        ).first()
+    return RunLease(row[0], row[1], row[2]) if row is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class LostOwner:
+    """A run whose owner stopped renewing its lease: who it was, and since when."""
+
+    owner: str
+    since: float  # when its lease ran out
+
+
+def lost_owners(store: MetadataStore, run_ids: Sequence[str]) -> dict[str, LostOwner]:
+    """Of the given unfinished (root) runs, those whose owner is lost, by run id."""
+    if not run_ids:
+        return {}
+    now = time.time()
+    out: dict[str, LostOwner] = {}
+    ids = list(dict.fromkeys(run_ids))
+    with store.engine.connect() as conn:
+        for start in range(0, len(ids), 500):  # SQLite caps bound parameters
+            rows = conn.execute(
+                sa.select(
+                    queue_items.c.run_id, queue_items.c.claimed_by, queue_items.c.lease_until
+                ).where(
+                    queue_items.c.dedupe.in_([f"run:{i}" for i in ids[start : start + 500]]),
+                    queue_items.c.status == CLAIMED,
+                    queue_items.c.lease_until < now,
+                )
+            )
+            for run_id, owner, until in rows:
+                out[run_id] = LostOwner(owner or "?", float(until))
+    return out
+
+
+def claim_lost_run(
+    store: MetadataStore,
+    taker: str,
+    *,
+    lease_seconds: float,
+    queues: Sequence[str] | None = None,
+) -> Claim | None:
+    """Take over one unfinished run whose owner's lease ran out (of the given queues,
+    or any), or None. The candidate is locked (PostgreSQL: SKIP LOCKED; SQLite: the
+    write lock) and claimed by a compare-and-set on its expired lease, so of several
+    servers and workers looking at once exactly one takes it."""
+    now = time.time()
+    unfinished = sa.select(runs.c.id).where(
+        runs.c.id == queue_items.c.run_id, runs.c.status.in_(("RUNNING", "PENDING"))
+    )
+    stmt = (
+        sa.select(queue_items.c.id)
+        .where(
+            queue_items.c.status == CLAIMED,
+            queue_items.c.lease_until < now,
+            queue_items.c.kind == "run",
+            unfinished.exists(),
+        )
+        .order_by(queue_items.c.lease_until)
+        .limit(1)
+    )
+    if queues is not None:
+        stmt = stmt.where(queue_items.c.queue.in_(list(queues)))
+    with store.engine.begin() as conn:
+        if store.dialect == "postgresql":
+            stmt = stmt.with_for_update(of=queue_items, skip_locked=True)
+        else:
+            conn.exec_driver_sql("UPDATE keel_queue SET id = id WHERE 0")
+        item_id = conn.execute(stmt).scalar()
+        if item_id is None:
+            return None
+        got = conn.execute(
+            queue_items.update()
+            .where(
+                queue_items.c.id == item_id,
+                queue_items.c.status == CLAIMED,
+                queue_items.c.lease_until < now,
+            )
+            .values(**_claimed_values(taker, now, lease_seconds))
+            .returning(*_CLAIM_COLUMNS)
+        ).first()
+    return Claim(*got) if got is not None else None
 
 
 class LeaseKeeper:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -33,6 +34,16 @@ from keel.store.schema import runs, tags
 router = APIRouter(tags=["runs"], dependencies=AUTH, responses=ERRORS)
 
 
+class OwnerLost(BaseModel):
+    """Set on an unfinished run whose owner (the process driving it) stopped renewing
+    its lease: nothing drives the run until a server or worker takes it over or a
+    user resumes it."""
+
+    since: float = Field(description="When the owner's lease ran out (Unix time)")
+    owner: str = Field(description="The lost owner: host:pid:role")
+    resume_command: str = Field(description="The command that continues the run")
+
+
 class RunOut(BaseModel):
     id: str
     workflow: str
@@ -57,6 +68,7 @@ class RunOut(BaseModel):
     schedule: str | None = None
     trigger_name: str | None = None
     cancel_requested: bool = False
+    owner_lost: OwnerLost | None = None
 
 
 class RunDetail(RunOut):
@@ -72,6 +84,18 @@ class RunPage(BaseModel):
 
 def run_out(row: Any) -> RunOut:
     return RunOut(**_fields(row))
+
+
+def lost_owners(store: MetadataStore, rows: Sequence[Any]) -> dict[str, OwnerLost]:
+    """The unfinished runs among `rows` whose owner is lost (a child run, through its
+    root), by run id."""
+    roots = {r.id: r.id.split(".")[0] for r in rows if r.status not in FINISHED_RUN}
+    found = queue.lost_owners(store, list(roots.values()))
+    return {
+        rid: OwnerLost(since=lost.since, owner=lost.owner, resume_command=f"keel resume {root}")
+        for rid, root in roots.items()
+        if (lost := found.get(root)) is not None
+    }
 
 
 def _tracked_tags(conn: sa.Connection, run_ids: list[str]) -> dict[str, dict[str, str]]:
@@ -217,8 +241,9 @@ def list_runs(
         more = len(rows) > limit
         rows = rows[:limit]
         tracked = _tracked_tags(conn, [r.id for r in rows])
+    lost = lost_owners(store, rows)
     return RunPage(
-        runs=[RunOut(**_fields(r, tracked.get(r.id))) for r in rows],
+        runs=[RunOut(**_fields(r, tracked.get(r.id)), owner_lost=lost.get(r.id)) for r in rows],
         next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
     )
 
@@ -239,6 +264,7 @@ def get_run(run_id: str, _: Viewer, store: Store) -> RunDetail:
         )
     return RunDetail(
         **_fields(row, tracked),
+        owner_lost=lost_owners(store, [row]).get(row.id),
         traceback=row.traceback,
         result_type=row.result_type,
         children=children,
@@ -309,8 +335,14 @@ def _top_level(row: Any, verb: str) -> None:
         )
 
 
-def _owner_alive(row: Any) -> bool:
-    """Whether the process recorded as running the run may still be alive."""
+def _owner_alive(store: MetadataStore, row: Any) -> bool:
+    """Whether the process driving the run may still be alive: the owner of the run's
+    claim renews its lease; else (no claim) the process recorded on the run."""
+    from keel.engine.owner import dead_owner
+
+    lease = queue.run_lease(store, row.id)
+    if lease is not None and lease.status == queue.CLAIMED:
+        return dead_owner(lease) is None
     if row.pid is None:
         return False
     if row.host != socket.gethostname():
@@ -348,7 +380,7 @@ def resume_run(
     here = row.pid == os.getpid() and row.host == socket.gethostname()
     if runner.active(rid) or (row.status == RunStatus.RUNNING and here):
         raise ApiError(409, "conflict", f"run {rid} is running in this server", {"run_id": rid})
-    if row.status == RunStatus.RUNNING and not force and _owner_alive(row):
+    if row.status == RunStatus.RUNNING and not force and _owner_alive(store, row):
         raise ApiError(
             409,
             "conflict",

@@ -134,6 +134,16 @@ export function statusBadge(status) {
   return h("span", { class: `badge status-${st.toLowerCase()}`, "data-status": st }, st.toLowerCase());
 }
 
+// Next to the status of a run whose owner died (its lease ran out): says so, and how
+// to continue it.
+export function ownerLostBadge(run) {
+  const lost = run.owner_lost;
+  if (!lost) return null;
+  const since = new Date(lost.since * 1000).toLocaleString();
+  const title = `Owner lost since ${since}: ${lost.owner} stopped renewing its lease. Resume it with: ${lost.resume_command}`;
+  return h("span", { class: "badge owner-lost", "data-owner-lost": "", title }, "owner lost");
+}
+
 export function tagChips(tags) {
   const entries = Object.entries(tags || {});
   if (!entries.length) return null;

@@ -11,6 +11,7 @@ import {
   fmtDuration,
   h,
   keepFocus,
+  ownerLostBadge,
   section,
   statusBadge,
   tagChips,
@@ -112,7 +113,7 @@ export async function render(view, { runId }, ctx) {
         "section",
         { class: "card", "aria-label": "Summary" },
         facts([
-          ["Status", statusBadge(run.status)],
+          ["Status", h("span", {}, statusBadge(run.status), ownerLostBadge(run))],
           ["Workflow", run.workflow],
           ["Created", timeEl(run.created_at)],
           ["Started", timeEl(run.started_at)],
@@ -138,6 +139,18 @@ export async function render(view, { runId }, ctx) {
       errorSlot.append(box);
     }
     if (run.cancel_requested && !FINISHED.has(run.status)) errorSlot.append(h("p", { class: "notice" }, "Cancellation requested: no new steps start."));
+    const lost = run.owner_lost;
+    if (lost && !FINISHED.has(run.status)) {
+      errorSlot.append(
+        h(
+          "div",
+          { class: "error-box", role: "alert", id: "owner-lost" },
+          h("strong", {}, "Owner lost"),
+          h("p", {}, "Since ", timeEl(lost.since), `, nothing drives this run: ${lost.owner} stopped renewing its lease. A server or worker that takes runs over continues it; or resume it with:`),
+          h("pre", {}, lost.resume_command),
+        ),
+      );
+    }
   }
 
   let stepRows = 200; // more on request: a big map has thousands
@@ -262,7 +275,8 @@ export async function render(view, { runId }, ctx) {
     const stepSig = steps.map((st) => `${st.seq}:${st.status}:${st.attempts}:${st.ended_at}`).join(",");
     // While the run goes on, durations move: redraw those at most once a second.
     const tick = live ? Math.floor(Date.now() / 1000) : 0;
-    if (changed("summary", `${run.status}|${run.started_at}|${run.ended_at}|${run.error_message}|${stepSig}|${tick}`)) {
+    const lostSig = run.owner_lost ? run.owner_lost.since : "";
+    if (changed("summary", `${run.status}|${run.started_at}|${run.ended_at}|${run.error_message}|${lostSig}|${stepSig}|${tick}`)) {
       keepFocus(summary, drawSummary);
     }
     dag.update(steps);
@@ -369,11 +383,18 @@ export async function render(view, { runId }, ctx) {
     if (!FINISHED.has(run.status)) startFollow();
   });
   // A finished run can be resumed or retried from elsewhere: notice that too.
+  // An owner is lost without any event (nothing writes when a process dies), so the
+  // run is read again every few seconds while it is not finished.
   ctx.every(5000, async () => {
-    if (following) return;
+    if (following && FINISHED.has(run.status)) return;
     try {
       const next = await get(`/runs/${seg(run.id)}`);
-      if (ctx.alive() && next.status !== run.status) {
+      if (!ctx.alive()) return;
+      if ((next.owner_lost?.since ?? null) !== (run.owner_lost?.since ?? null)) {
+        run.owner_lost = next.owner_lost;
+        scheduleDraw();
+      }
+      if (!following && next.status !== run.status) {
         await refresh();
         if (!FINISHED.has(run.status)) startFollow();
       }

@@ -10,6 +10,7 @@ import {
   h,
   keepFocus,
   shortId,
+  ownerLostBadge,
   statusBadge,
   tagChips,
   timeEl,
@@ -234,7 +235,7 @@ export function runsTable(rows, { showWorkflow = true } = {}) {
               h("a", { href: `/runs/${encodeURIComponent(run.id)}`, title: run.id }, shortId(run.id)),
               run.run_name && run.run_name !== run.workflow ? h("div", { class: "muted" }, run.run_name) : null,
             ),
-            h("td", {}, statusBadge(run.status)),
+            h("td", {}, statusBadge(run.status), ownerLostBadge(run)),
             showWorkflow
               ? h("td", {}, h("a", { href: `/?workflow=${encodeURIComponent(run.workflow)}` }, run.workflow))
               : null,
