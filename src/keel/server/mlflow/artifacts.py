@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
+import mmap
 import posixpath
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
@@ -179,21 +181,33 @@ def _read_only(where: Target) -> None:
         )
 
 
-def _upload(store: MetadataStore, path: str, data: bytes) -> Response:
+def _upload_target(store: MetadataStore, path: str) -> Target:
+    """Where an upload goes, checked before its bytes are read."""
     where = target(store, path)
     _read_only(where)
     if not where.rel:
         raise invalid("an upload needs a file path after .../artifacts/")
-    digest = hashlib.sha256(data).hexdigest()
+    if where.run is not None:
+        writable(store, where.run.mlflow_id)
+    return where
+
+
+def _save(store: MetadataStore, where: Target, spool: BinaryIO, digest: str, size: int) -> None:
+    """Put the spooled bytes in the artifact store (mapped, not read into memory) and
+    record the path."""
+    blobs = artifact_store(store.config.artifacts_url)
+    if size:
+        with mmap.mmap(spool.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+            blobs.put(digest, mapped)  # type: ignore[arg-type]  # bytes-like
+    else:
+        blobs.put(digest, b"")
     now = time.time()
     if where.run is not None:
         t = writable(store, where.run.mlflow_id)
-        artifact_store(store.config.artifacts_url).put(digest, data)
         batch = Batch()
-        batch.logged_artifacts = [(t.run_id, t.seq, where.rel, digest, len(data), "file", now)]
+        batch.logged_artifacts = [(t.run_id, t.seq, where.rel, digest, size, "file", now)]
         store.write_batch(batch)
-        return reply({})
-    artifact_store(store.config.artifacts_url).put(digest, data)
+        return
     table = logged_model_files
     with store.engine.begin() as conn:
         conn.execute(
@@ -201,16 +215,26 @@ def _upload(store: MetadataStore, path: str, data: bytes) -> Response:
         )
         conn.execute(
             table.insert().values(
-                model_id=where.model_id, path=where.rel, hash=digest, size=len(data), created_at=now
+                model_id=where.model_id, path=where.rel, hash=digest, size=size, created_at=now
             )
         )
-    return reply({})
 
 
 @router.put("/artifacts/{path:path}")
 async def upload(path: str, request: Request, store: Store, _: Operator) -> Response:
-    data = await request.body()
-    return await run_in_threadpool(_upload, store, path, data)
+    """The body streams to a temporary file (hashed on the way), never whole into
+    memory; the guard caps its size (KEEL_SERVER_MAX_UPLOAD)."""
+    where = await run_in_threadpool(_upload_target, store, path)
+    hasher = hashlib.sha256()
+    size = 0
+    with tempfile.TemporaryFile() as spool:
+        async for chunk in request.stream():
+            hasher.update(chunk)
+            size += len(chunk)
+            spool.write(chunk)
+        spool.flush()
+        await run_in_threadpool(_save, store, where, spool, hasher.hexdigest(), size)
+    return reply({})
 
 
 def _delete(store: MetadataStore, path: str) -> Response:
