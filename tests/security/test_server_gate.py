@@ -12,8 +12,10 @@ and measure its memory from /proc.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ from server_support import (
     free_port,
     launch,
     make_app,
+    tokens,
     wait_status,
     wait_until,
 )
@@ -393,3 +396,184 @@ def test_the_host_header_must_name_this_server(backend: str) -> None:
     ok = client(allowed).get("/api/v1/runs", headers={"Host": "keel.internal:8765"})
     assert ok.status_code == 200
     assert_error(client(allowed).get("/api/v1/runs", headers={"Host": "evil.example"}), 400)
+
+
+# -- 5a, 5b, 7. the audit log -------------------------------------------------------------------
+
+
+def _audit_rows() -> list[Any]:
+    from keel.store.schema import audit_log
+
+    with open_store().engine.connect() as conn:
+        return list(conn.execute(sa.select(audit_log).order_by(audit_log.c.id)))
+
+
+def test_the_audit_log_keeps_no_webhook_token_and_no_anonymous_401(app: FastAPI) -> None:
+    from keel.scheduler import triggers
+
+    tokens(open_store())  # the server now asks for tokens
+    secret = triggers.add("hook", "flows.server_flows:arith", webhook=True, params={"y": 2})
+    secret_token = secret.config["token"]
+    outsider = client(app)
+    fired = outsider.post(f"/api/v1/triggers/hook?token={secret_token}&via=ci", json={"x": 1})
+    assert fired.status_code == 202, fired.text
+    for _ in range(20):  # someone knocking without a token
+        assert outsider.post("/api/v1/runs/nope/cancel").status_code == 401
+        assert outsider.delete("/api/v1/tokens/admin").status_code == 401
+    rows = _audit_rows()
+    assert all(secret_token not in (r.detail or "") for r in rows), rows
+    [webhook] = [r for r in rows if r.path == "/api/v1/triggers/hook"]
+    assert (webhook.actor, webhook.status) == ("webhook:hook", 202)
+    assert webhook.detail == '{"query": "token=***&via=ci"}'
+    assert [r for r in rows if r.status == 401] == []
+
+
+def _break_audit(backend: str) -> None:
+    """Make the database fail audit rows as if it went away mid-transaction (a fault in
+    the real database): on PostgreSQL a connection failure (SQLSTATE 08006), on SQLite
+    an operational error (the trigger writes to a table that does not exist)."""
+    with open_store().engine.begin() as conn:
+        if backend == "postgres":
+            conn.execute(
+                sa.text(
+                    "CREATE FUNCTION audit_down() RETURNS trigger AS $$ BEGIN "
+                    "RAISE EXCEPTION 'audit store down' USING ERRCODE = '08006'; END $$ "
+                    "LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "CREATE TRIGGER audit_down BEFORE INSERT ON keel_audit "
+                    "FOR EACH ROW EXECUTE FUNCTION audit_down()"
+                )
+            )
+        else:
+            conn.execute(
+                sa.text(
+                    "CREATE TRIGGER audit_down BEFORE INSERT ON keel_audit "
+                    "BEGIN INSERT INTO audit_store_down VALUES (1); END"
+                )
+            )
+
+
+def _mend_audit() -> None:
+    with open_store().engine.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER audit_down" + (" ON keel_audit" if _pg() else "")))
+
+
+def _pg() -> bool:
+    return open_store().dialect == "postgresql"
+
+
+def test_the_audit_row_is_committed_with_the_change(app: FastAPI, backend: str) -> None:
+    api = client(app)
+    _break_audit(backend)
+    made = api.post("/api/2.0/mlflow/experiments/create", json={"name": "once"})
+    token = api.post("/api/v1/tokens", json={"name": "once", "role": "viewer"})
+    for reply in (made, token):
+        # Not a success: the change was not committed either, so a retry is safe.
+        assert reply.status_code == 503, reply.text
+        assert reply.headers["Retry-After"] == "5"
+    _mend_audit()
+    found = api.get("/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "once"})
+    assert found.status_code == 404, found.text
+    assert auth.list_tokens(open_store()) == []
+    # The clients retry: one experiment, one token, each with its audit row.
+    assert api.post("/api/2.0/mlflow/experiments/create", json={"name": "once"}).status_code == 200
+    assert api.post("/api/v1/tokens", json={"name": "once", "role": "viewer"}).status_code == 201
+    assert [t["name"] for t in auth.list_tokens(open_store())] == ["once"]
+    rows = [(r.method, r.path, r.status, r.actor) for r in _audit_rows()]
+    assert rows == [
+        ("POST", "/api/2.0/mlflow/experiments/create", 200, "local"),
+        ("POST", "/api/v1/tokens", 201, "local"),
+    ]
+
+
+class Proxy:
+    """A TCP proxy to PostgreSQL that can be cut (every connection dropped, new ones
+    refused) and restored: the database seen as unreachable by this server only."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = free_port()
+        self.open: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                near, _ = listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self.target))
+            self.open += [near, far]
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        assert self.listener is not None
+        # shutdown wakes the thread blocked in accept(); close alone would not.
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for s in self.open:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.open.clear()
+
+
+def test_while_the_store_is_unreachable_clients_get_503_with_retry_after(pg_url: str) -> None:
+    from keel.store.config import StoreConfig
+
+    url = sa.engine.make_url(pg_url)
+    proxy = Proxy(url.port or 5432)
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    store = open_store(StoreConfig.from_env(db_url=proxied))
+    app = make_app(store)
+    api = client(app)
+    assert api.get("/api/v1/runs").status_code == 200
+    exp = api.post("/api/2.0/mlflow/experiments/create", json={"name": "blip"}).json()
+    proxy.cut()
+    try:
+        for method, path, body in (
+            ("GET", "/api/v1/runs", None),
+            ("POST", "/api/v1/tokens", {"name": "x", "role": "viewer"}),
+            ("GET", "/api/2.0/mlflow/experiments/get?experiment_id=" + exp["experiment_id"], None),
+            ("POST", "/api/2.0/mlflow/runs/create", {"experiment_id": exp["experiment_id"]}),
+        ):
+            reply = api.request(method, path, json=body)
+            assert reply.status_code == 503, (path, reply.text)
+            assert reply.headers["Retry-After"] == "5"
+            if "mlflow" in path:
+                assert reply.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+            else:
+                assert_error(reply, 503, "store_unavailable")
+    finally:
+        proxy.restore()
+    wait_until(lambda: api.get("/api/v1/runs").status_code == 200, "the store to come back")
+    reply = api.post("/api/2.0/mlflow/runs/create", json={"experiment_id": exp["experiment_id"]})
+    assert reply.status_code == 200, reply.text
+    store.dispose()
+    proxy.cut()
