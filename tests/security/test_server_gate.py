@@ -420,6 +420,7 @@ def test_the_audit_log_keeps_no_webhook_token_and_no_anonymous_401(app: FastAPI)
     for _ in range(20):  # someone knocking without a token
         assert outsider.post("/api/v1/runs/nope/cancel").status_code == 401
         assert outsider.delete("/api/v1/tokens/admin").status_code == 401
+        assert outsider.post("/api/v1/triggers/hook", json={"x": 1}).status_code == 401
     rows = _audit_rows()
     assert all(secret_token not in (r.detail or "") for r in rows), rows
     [webhook] = [r for r in rows if r.path == "/api/v1/triggers/hook"]
