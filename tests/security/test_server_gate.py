@@ -11,6 +11,7 @@ and measure its memory from /proc.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from fastapi import FastAPI
 
 from conftest import PG_URL
 from keel.server import auth
-from keel.server.guard import MIB, GateConfig
+from keel.server.guard import MIB, GateConfig, nests_deeper
 from keel.store.metadata import open_store
 from server_support import (
     DEADLINE,
@@ -317,6 +318,14 @@ def test_deeply_nested_json_is_a_400_naming_the_problem(served: Served) -> None:
         # Brackets inside strings are text, not nesting.
         fine = api.post("/api/2.0/mlflow/experiments/create", json={"name": "[" * 200})
         assert fine.status_code == 200, fine.text
+
+
+def test_the_nesting_check_reads_strings_as_text() -> None:
+    assert not nests_deeper(json.dumps({"a": '\\"[[[[[[', "b": "{{{{{{"}).encode(), 2)
+    assert nests_deeper(json.dumps({"a": "x\\", "b": [[[1]]]}).encode(), 3)
+    assert not nests_deeper(json.dumps({"a": "x\\", "b": [[1]]}).encode(), 3)
+    assert nests_deeper(b"[" * 100_000 + b"]" * 100_000, 64)
+    assert not nests_deeper(json.dumps([{"k": i} for i in range(10_000)]).encode(), 64)
 
 
 # -- 4. cross-site requests ---------------------------------------------------------------------

@@ -88,7 +88,11 @@ def _on_commit(conn: sa.Connection) -> None:
     if pending is None or not pending.armed or pending.row_id is not None:
         return
     pending.row_id = -1  # taken: a nested commit must not write a second row
-    key = conn.execute(audit_log.insert().values(**_values(pending))).inserted_primary_key
+    try:
+        key = conn.execute(audit_log.insert().values(**_values(pending))).inserted_primary_key
+    except Exception:
+        pending.row_id = None  # the commit fails with it; the reply's row comes later
+        raise
     pending.row_id = int(key[0]) if key else -1
 
 

@@ -140,30 +140,22 @@ _MLFLOW_CODES = {
 }
 
 
-def json_depth(raw: bytes, limit: int) -> int:
-    """How deep arrays and objects nest in a JSON text, counting only up to `limit + 1`
-    (brackets inside strings do not count). Invalid JSON is left to the parser."""
-    depth = top = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > top:
-                top = depth
-                if top > limit:
-                    return top
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return top
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nests_deeper(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in a JSON text nest deeper than `limit` (brackets in
+    strings do not count; invalid JSON is left to the parser). The scans are C loops;
+    only the brackets left after them are walked here."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for byte in _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET):
+        depth += 1 if byte in (0x5B, 0x7B) else -1  # [ { open, ] } close
+        if depth > limit:
+            return True
+    return False
 
 
 class Guard:
@@ -196,7 +188,7 @@ class Guard:
                 raise _too_large(cap)
             if scope["method"] in MUTATING and not upload:
                 body = await _read_body(receive, cap)
-                self._check_json(body, headers)
+                await self._check_json(body)
                 receive = _replay(body, receive)
             else:
                 receive = _capped(receive, cap)
@@ -266,12 +258,15 @@ class Guard:
             "Send the arguments as a JSON object with Content-Type: application/json",
         )
 
-    def _check_json(self, body: bytes, headers: dict[str, str]) -> None:
-        if not body.strip():
-            return
+    async def _check_json(self, body: bytes) -> None:
         limit = self.config.max_json_depth
-        depth = json_depth(body, limit)
-        if depth > limit:
+        # A big body is scanned in a worker thread, not on the event loop.
+        deep = (
+            await run_in_threadpool(nests_deeper, body, limit)
+            if len(body) > 64 * 1024
+            else nests_deeper(body, limit)
+        )
+        if deep:
             raise Refused(
                 400,
                 "json_too_deep",
