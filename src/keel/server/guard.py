@@ -288,7 +288,7 @@ class Guard:
                     "Send it as the X-Keel-Trigger-Token header",
                 )
             return
-        if not _needs_auth(scope["method"], path):
+        if not _needs_auth(path):
             return
         try:
             principal = await run_in_threadpool(
@@ -305,7 +305,7 @@ class Guard:
         scope.setdefault("state", {})["principal"] = principal
 
 
-def _needs_auth(method: str, path: str) -> bool:
+def _needs_auth(path: str) -> bool:
     if path.startswith(_MLFLOW_PREFIXES):
         return True
     return (
