@@ -5,9 +5,9 @@ In this order, each from the request's headers before any of its body is read:
    ones): a DNS-rebinding page gets 400.
 2. A state-changing request (POST/PUT/PATCH/DELETE) with an `Origin` that is not the
    server's own, or `Sec-Fetch-Site: cross-site`, gets 403; its body must be JSON
-   (415 otherwise), except uploads (PUT of mlflow-artifacts, which no HTML form can
-   send and a browser sends cross-site only after a CORS preflight this server never
-   grants).
+   (415 otherwise), except artifact files (PUT and DELETE of mlflow-artifacts, which
+   no HTML form can send and a browser sends cross-site only after a CORS preflight
+   this server never grants).
 3. API routes authenticate the caller (401 before the body is read); the role check
    stays with each route (`deps.require`).
 4. Bodies are capped: `Content-Length` over the cap, or more bytes streamed than it
@@ -45,7 +45,7 @@ _MLFLOW_PREFIXES = ("/api/2.0/", "/ajax-api/2.0/", "/api/3.0/")
 # API paths anyone may call: liveness, the API's own description.
 _PUBLIC = frozenset({"/api/v1/health", "/api/v1/openapi.json", "/api/v1/docs"})
 _WEBHOOK = re.compile(r"^/api/v1/triggers/[^/]+$")
-_UPLOAD = re.compile(r"^/(api|ajax-api)/2\.0/mlflow-artifacts/artifacts/")
+_FILES = re.compile(r"^/(api|ajax-api)/2\.0/mlflow-artifacts/artifacts/")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -177,16 +177,18 @@ class Guard:
         headers = _headers(scope)
         try:
             self._check_host(headers)
-            upload = scope["method"] == "PUT" and bool(_UPLOAD.match(path))
-            if scope["method"] in MUTATING:
+            method = scope["method"]
+            # Artifact files (PUT to upload, DELETE): bytes, not JSON arguments.
+            files = method in ("PUT", "DELETE") and bool(_FILES.match(path))
+            if method in MUTATING:
                 self._check_origin(headers)
-                self._check_content_type(headers, upload)
+                self._check_content_type(headers, files)
             await self._authenticate(scope, path, headers)
-            cap = self.config.max_upload if upload else self.config.max_body
+            cap = self.config.max_upload if files and method == "PUT" else self.config.max_body
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > cap:
                 raise _too_large(cap)
-            if scope["method"] in MUTATING and not upload:
+            if method in MUTATING and not files:
                 body = await _read_body(receive, cap)
                 await self._check_json(body)
                 receive = _replay(body, receive)
@@ -244,8 +246,8 @@ class Guard:
                 "Call the API from the server's own pages or from a program (no Origin header)",
             )
 
-    def _check_content_type(self, headers: dict[str, str], upload: bool) -> None:
-        if upload:
+    def _check_content_type(self, headers: dict[str, str], files: bool) -> None:
+        if files:
             return
         kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
