@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from flows import server_flows as flows
 from keel.server import auth
 from keel.server.app import create_app
+from keel.server.guard import GateConfig
 from keel.server.workflows import WorkflowRegistry
 from keel.store.metadata import MetadataStore, open_store
 
@@ -34,8 +35,12 @@ WORKFLOWS = (
 DEADLINE = 120.0
 
 
+# Starlette's TestClient calls the app as `testserver`; a real server is on 127.0.0.1.
+GATE = GateConfig(allowed_hosts=("testserver",))
+
+
 def make_app(store: MetadataStore | None = None, dispatch: str = "server") -> FastAPI:
-    app = create_app(store or open_store())
+    app = create_app(store or open_store(), GATE)
     app.state.workflows = WorkflowRegistry(WORKFLOWS)
     app.state.dispatch = dispatch
     app.state.sse_poll_seconds = 0.05

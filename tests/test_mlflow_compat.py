@@ -558,8 +558,14 @@ def test_mlflow_error_shape_and_unknown_endpoints(server: str) -> None:
     assert reply.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST" and reply.json()["message"]
     reply = api(server, "GET", "/api/2.0/mlflow/experiments/get-by-name")
     assert (reply.status_code, reply.json()["error_code"]) == (400, "INVALID_PARAMETER_VALUE")
-    reply = api(server, "POST", "/api/2.0/mlflow/runs/create", content=b"{not json")
+    json_type = {"Content-Type": "application/json"}
+    reply = api(
+        server, "POST", "/api/2.0/mlflow/runs/create", content=b"{not json", headers=json_type
+    )
     assert (reply.status_code, reply.json()["error_code"]) == (400, "BAD_REQUEST")
+    # A body that does not say it is JSON is refused before it is parsed (issue #9).
+    reply = api(server, "POST", "/api/2.0/mlflow/runs/create", content=b"{not json")
+    assert (reply.status_code, reply.json()["error_code"]) == (415, "BAD_REQUEST")
     reply = api(server, "POST", "/ajax-api/2.0/mlflow/traces/start", json={})
     assert (reply.status_code, reply.json()["error_code"]) == (404, "ENDPOINT_NOT_FOUND")
     reply = api(server, "POST", "/ajax-api/2.0/mlflow/experiments/create", json={"name": "ajax"})

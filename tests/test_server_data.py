@@ -356,11 +356,15 @@ def test_webhook_trigger(app: FastAPI) -> None:
         422,
     )
     assert "'x'" in err["message"]
-    assert_error(outsider.post("/api/v1/triggers/ghost", json={}), 404)
+    some_token = {"X-Keel-Trigger-Token": "some"}
+    assert_error(outsider.post("/api/v1/triggers/ghost", json={}, headers=some_token), 404)
+    # Without any webhook token the request ends before its body is read (issue #9).
+    assert_error(outsider.post("/api/v1/triggers/ghost", json={}), 401)
     triggers.add("on-end", "flows.server_flows:arith", on_run="tracked", params={"x": 1})
+    assert_error(outsider.post("/api/v1/triggers/on-end", json={}, headers=some_token), 409)
     assert_error(
         outsider.post("/api/v1/triggers/on-end", json={}, headers={"X-Keel-Trigger-Token": ""}),
-        409,
+        401,
     )
     listed = viewer.get("/api/v1/triggers").json()
     assert [t["name"] for t in listed] == ["hook", "on-end"]

@@ -18,7 +18,8 @@ from keel.server.ui import PAGES, STATIC
 
 @pytest.fixture
 def client() -> TestClient:
-    return TestClient(create_app(), raise_server_exceptions=False)
+    # Called by the address a default server listens on (its Host check allows it).
+    return TestClient(create_app(), base_url="http://127.0.0.1", raise_server_exceptions=False)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import threading
 from pathlib import Path
@@ -16,21 +15,15 @@ from keel.cli.common import EXIT_USAGE, fail, make_cwd_importable, open_store
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from keel.server.guard import GateConfig
     from keel.store.metadata import MetadataStore
 
 DEFAULT_PORT = 8765
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def build_app(store: MetadataStore, refs: list[str], dispatch: str) -> FastAPI:
+def build_app(
+    store: MetadataStore, refs: list[str], dispatch: str, gate: GateConfig | None = None
+) -> FastAPI:
     """The application with its workflow registry (from --workflows and keel.toml)."""
     from keel.server.app import create_app
     from keel.server.workflows import WorkflowRegistry, config_refs
@@ -40,7 +33,7 @@ def build_app(store: MetadataStore, refs: list[str], dispatch: str) -> FastAPI:
     for ref in [*config_refs(Path.cwd()), *refs]:
         found = registry.load(ref)
         typer.echo(f"workflows from {ref}: {', '.join(wf.name for wf in found)}", err=True)
-    app = create_app(store)
+    app = create_app(store, gate)
     app.state.workflows = registry
     app.state.dispatch = dispatch
     return app
@@ -107,6 +100,23 @@ def server(
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (loopback unless tokens exist)")
     ] = "127.0.0.1",
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            metavar="NAME",
+            help="Another host name clients may call this server by (repeatable; also "
+            "KEEL_SERVER_ALLOWED_HOSTS); others get 400",
+        ),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="Serve anyone who can reach --host as admin while no API token exists "
+            "(unsafe beyond loopback)",
+        ),
+    ] = False,
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = DEFAULT_PORT,
     workflows: Annotated[
         list[str] | None,
@@ -137,19 +147,28 @@ def server(
     ] = None,
 ) -> None:
     """Serve the REST API (/api/v1), the web UI and the MLflow-compatible API."""
-    from keel.server.auth import tokens_configured
+    from keel.server.auth import token_ever_created
+    from keel.server.guard import GateConfig, is_loopback
 
     if dispatch not in ("server", "queue"):
         fail(f"--dispatch must be 'server' or 'queue', got {dispatch!r}", code=EXIT_USAGE)
     store = open_store(ctx)
-    if not is_loopback(host) and not tokens_configured(store):
-        fail(
-            f"refusing to listen on {host}: no API token exists, so anyone who can reach "
-            "this address could read and start runs",
-            hint="Create one first (keel token create NAME --role admin), or listen on 127.0.0.1",
-            code=EXIT_USAGE,
+    gate = GateConfig.from_env(host, tuple(allowed_hosts or ()), insecure_no_auth)
+    if not is_loopback(host) and not token_ever_created(store):
+        if not insecure_no_auth:
+            fail(
+                f"refusing to listen on {host}: no API token exists, so anyone who can reach "
+                "this address could read, start and delete runs",
+                hint="Create one first (keel token create NAME --role admin), listen on "
+                "127.0.0.1, or pass --insecure-no-auth if the network is yours alone",
+                code=EXIT_USAGE,
+            )
+        typer.echo(
+            f"WARNING: --insecure-no-auth: anyone who can reach {host}:{port} is admin of "
+            "this store (reads, starts, deletes) until an API token is created",
+            err=True,
         )
-    app = build_app(store, list(workflows or []), dispatch)
+    app = build_app(store, list(workflows or []), dispatch, gate)
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"keel server on http://{shown}:{port}/ (API: /api/v1, stop with Ctrl-C)")
     ready = threading.Event()

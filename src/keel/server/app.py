@@ -1,16 +1,15 @@
-"""The FastAPI application: routes, error replies, the audit log of mutating calls."""
+"""The FastAPI application: routes, error replies, and in front of them the guard
+(guard.py) and the audit log of mutating calls (audit.py)."""
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Awaitable, Callable
-
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from keel import __version__
-from keel.server import errors
+from keel.server import auth, errors
 from keel.server import mlflow as mlflow_api
+from keel.server.audit import AuditMiddleware
+from keel.server.guard import GateConfig, Guard
 from keel.server.routes import (
     artifacts,
     deployments,
@@ -28,12 +27,11 @@ from keel.server.routes import (
 )
 from keel.server.routes import audit as audit_log_routes
 from keel.store.metadata import MetadataStore, open_store
-from keel.store.schema import audit_log
-
-_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def create_app(store: MetadataStore | None = None) -> FastAPI:
+def create_app(store: MetadataStore | None = None, gate: GateConfig | None = None) -> FastAPI:
+    """The app on `store`; `gate` says who may come in (by default: a server on
+    127.0.0.1, with the limits of the KEEL_SERVER_* variables)."""
     app = FastAPI(
         title="keel",
         version=__version__,
@@ -42,39 +40,21 @@ def create_app(store: MetadataStore | None = None) -> FastAPI:
         docs_url="/api/v1/docs",
         redoc_url=None,
     )
-    app.state.store = store or open_store()
+    app.state.store = store = store or open_store()
+    app.state.gate = gate = gate or GateConfig.from_env()
+    # Decided once: anonymous callers are the local admin only on loopback (or with
+    # --insecure-no-auth), and only until a token is first created.
+    app.state.auth_mode = mode = auth.AuthMode(store, gate.loopback or gate.insecure_no_auth)
     errors.install(app)
     api = (health, runs, steps, logs, artifacts, experiments, metrics, models, workflows)
     for module in (*api, events, triggers, tokens, audit_log_routes, deployments):
         app.include_router(module.router, prefix="/api/v1")
     mlflow_api.install(app)
 
-    @app.middleware("http")
-    async def audit(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        if request.method in _MUTATING:
-            principal = getattr(request.state, "principal", None)
-            _record(app.state.store, request, response.status_code, principal)
-        return response
-
     from keel.server import ui
 
     ui.mount(app)  # the web UI: its pages' shell and /static (after the API routes)
+    # The last added runs first: the guard, then the audit record, then the routes.
+    app.add_middleware(AuditMiddleware, store=store)
+    app.add_middleware(Guard, store=store, config=gate, mode=mode)
     return app
-
-
-def _record(store: MetadataStore, request: Request, status: int, principal: object) -> None:
-    with store.engine.begin() as conn:
-        conn.execute(
-            audit_log.insert().values(
-                at=time.time(),
-                actor=getattr(principal, "name", None),
-                role=getattr(principal, "role", None),
-                method=request.method,
-                path=request.url.path,
-                status=status,
-                detail=json.dumps({"query": str(request.url.query)}) if request.url.query else None,
-            )
-        )

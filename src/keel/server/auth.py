@@ -2,8 +2,13 @@
 
 Tokens are random strings shown once at creation and stored only as sha256 hashes.
 Roles are ordered: viewer (read) < operator (trigger, cancel, resume, retry, signal)
-< admin (tokens, registry changes). With no token in the store the server accepts
-every request, and `keel server` then refuses to listen beyond loopback.
+< admin (tokens, registry changes).
+
+Whether a request without a token is served (as the local admin) is decided by
+`AuthMode`, not by whether a live token exists: only while no token has *ever* been
+created in this store (revoked ones count; their rows are never deleted) and the
+server listens on loopback (or was started with `--insecure-no-auth`). Revoking the
+last token never opens the server again.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from fastapi import Request
 
 from keel.errors import ConfigError, KeelError
 from keel.server.errors import ApiError
@@ -49,7 +53,6 @@ def create_token(store: MetadataStore, name: str, role: str) -> str:
     if not name or len(name) > 200:
         raise ConfigError("a token needs a name of 1 to 200 characters")
     token = "keel_" + secrets.token_urlsafe(32)
-    _configured.pop(id(store), None)
     try:
         with store.engine.begin() as conn:
             conn.execute(
@@ -65,7 +68,6 @@ def create_token(store: MetadataStore, name: str, role: str) -> str:
 
 
 def revoke_token(store: MetadataStore, name: str) -> bool:
-    _configured.pop(id(store), None)
     with store.engine.begin() as conn:
         return bool(
             conn.execute(tokens.update().where(tokens.c.name == name).values(revoked=True)).rowcount
@@ -87,49 +89,66 @@ def list_tokens(store: MetadataStore) -> list[dict[str, object]]:
         ]
 
 
-# Whether any token exists is asked on every request without one; it changes only
-# when tokens are created or revoked, so the answer is kept for a moment.
-_CONFIGURED_TTL = 2.0
-_configured: dict[int, tuple[float, bool]] = {}
 # `last_used_at` is a hint for people, not an audit record: written at most this often.
 _LAST_USED_EVERY = 60.0
 
 
-def tokens_configured(store: MetadataStore) -> bool:
-    cached = _configured.get(id(store))
-    now = time.monotonic()
-    if cached is not None and now - cached[0] < _CONFIGURED_TTL:
-        return cached[1]
+def token_ever_created(store: MetadataStore) -> bool:
+    """Whether any token, live or revoked, exists in the store: a fact that, once
+    true, stays true (token rows are revoked, never deleted)."""
     with store.engine.connect() as conn:
-        answer = (
-            conn.execute(
-                sa.select(sa.func.count()).select_from(tokens).where(tokens.c.revoked.is_(False))
-            ).scalar()
-            or 0
-        ) > 0
-    _configured[id(store)] = (now, answer)
-    return answer
+        return conn.execute(sa.select(tokens.c.id).limit(1)).first() is not None
 
 
-def authenticate(store: MetadataStore, request: Request) -> Principal:
-    """The caller of a request, from its `Authorization: Bearer <token>` header."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not token or scheme.lower() != "bearer":
-        if not tokens_configured(store):
+class AuthMode:
+    """Whether anonymous requests are served, decided once per server.
+
+    `open_without_tokens` is fixed at start (loopback, or `--insecure-no-auth`); the
+    store is then asked only until a token is seen, after which the answer is "no"
+    for the life of the server, whatever is revoked later.
+    """
+
+    def __init__(self, store: MetadataStore, open_without_tokens: bool) -> None:
+        self._store = store
+        self._open = open_without_tokens
+
+    def anonymous_allowed(self) -> bool:
+        if self._open and token_ever_created(self._store):
+            self._open = False
+        return self._open
+
+    @property
+    def tokens_required(self) -> bool:
+        return not self.anonymous_allowed()
+
+
+def _unauthenticated(message: str) -> ApiError:
+    return ApiError(
+        401,
+        "unauthenticated",
+        message,
+        {"hint": "Send `Authorization: Bearer <token>`; create one with `keel token create`"},
+    )
+
+
+def bearer(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, if it is one."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if token and scheme.lower() == "bearer" else None
+
+
+def authenticate(store: MetadataStore, mode: AuthMode, authorization: str) -> Principal:
+    """The caller, from the value of the `Authorization` header ("" when absent)."""
+    token = bearer(authorization)
+    if token is None:
+        if mode.anonymous_allowed():
             return LOCAL
-        raise ApiError(
-            401,
-            "unauthenticated",
-            "this server needs an API token",
-            {"hint": "Send `Authorization: Bearer <token>`; create one with `keel token create`"},
-        )
+        raise _unauthenticated("this server needs an API token")
     with store.engine.connect() as conn:
-        row = conn.execute(
-            sa.select(tokens).where(tokens.c.token_hash == _hash(token.strip()))
-        ).first()
+        row = conn.execute(sa.select(tokens).where(tokens.c.token_hash == _hash(token))).first()
     if row is None or row.revoked:
-        raise ApiError(401, "unauthenticated", "the API token is not valid or was revoked")
+        raise _unauthenticated("the API token is not valid or was revoked")
     now = time.time()
     if row.last_used_at is None or now - row.last_used_at > _LAST_USED_EVERY:
         with store.engine.begin() as conn:

@@ -15,6 +15,16 @@ from keel import errors as keel_errors
 
 log = logging.getLogger("keel.server")
 
+# Seconds a client should wait before retrying a 503 (the store is unreachable).
+RETRY_AFTER = "5"
+
+
+def store_unreachable(exc: BaseException) -> bool:
+    """Whether an error means the metadata store cannot be reached (a blip)."""
+    return isinstance(exc, sa_exc.OperationalError | keel_errors.StoreUnavailableError) or (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    )
+
 
 class ApiError(Exception):
     """Raised by route code: becomes a JSON error reply with this status."""
@@ -75,7 +85,10 @@ def install(app: FastAPI) -> None:
             (400, "bad_request"),
         )
         details = {"run_id": exc.run_id, "step_key": exc.step_key, "hint": exc.hint}
-        return JSONResponse(error_body(code, exc.message, details), status_code=status)
+        headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
+        return JSONResponse(
+            error_body(code, exc.message, details), status_code=status, headers=headers
+        )
 
     @app.exception_handler(sa_exc.DataError)
     async def _data(_: Request, exc: sa_exc.DataError) -> JSONResponse:
@@ -97,11 +110,13 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(sa_exc.OperationalError)
-    async def _unreachable(_: Request, exc: sa_exc.OperationalError) -> JSONResponse:
+    @app.exception_handler(sa_exc.InterfaceError)
+    async def _unreachable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("metadata store error: %s", exc)
         return JSONResponse(
             error_body("store_unavailable", "the metadata store cannot be reached; try again"),
             status_code=503,
+            headers={"Retry-After": RETRY_AFTER},
         )
 
     @app.exception_handler(Exception)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import posixpath
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, BinaryIO, NamedTuple
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
@@ -50,6 +52,7 @@ from keel.tracking.mlflow_models import mlflow_model_files
 router = APIRouter(route_class=MlflowRoute)
 info_router = APIRouter(route_class=MlflowRoute)
 _MAX_PATH = 1000
+_CHUNK = 1024 * 1024  # bytes per read when an upload moves to the artifact store
 KEEL_MODELS = "keel-models"  # the root under which keel's own versions are presented
 
 
@@ -222,22 +225,30 @@ def _read_only(where: Target) -> None:
         )
 
 
-def _upload(store: MetadataStore, path: str, data: bytes, principal: Principal) -> Response:
+def _upload_target(store: MetadataStore, path: str, principal: Principal) -> Target:
+    """Where an upload goes, checked before its bytes are read."""
     where = target(store, path)
     _read_only(where)
     _unchanged_once_finished(store, where, principal)
     if not where.rel:
         raise invalid("an upload needs a file path after .../artifacts/")
-    digest = hashlib.sha256(data).hexdigest()
+    if where.run is not None:
+        writable(store, where.run.mlflow_id)
+    return where
+
+
+def _save(store: MetadataStore, where: Target, spool: BinaryIO) -> None:
+    """Stream the spooled bytes into the artifact store and record the path."""
+    spool.seek(0)
+    blobs = artifact_store(store.config.artifacts_url)
+    digest, size = blobs.put_stream(iter(partial(spool.read, _CHUNK), b""))
     now = time.time()
     if where.run is not None:
         t = writable(store, where.run.mlflow_id)
-        artifact_store(store.config.artifacts_url).put(digest, data)
         batch = Batch()
-        batch.logged_artifacts = [(t.run_id, t.seq, where.rel, digest, len(data), "file", now)]
+        batch.logged_artifacts = [(t.run_id, t.seq, where.rel, digest, size, "file", now)]
         store.write_batch(batch)
-        return reply({})
-    artifact_store(store.config.artifacts_url).put(digest, data)
+        return
     table = logged_model_files
     with store.engine.begin() as conn:
         conn.execute(
@@ -245,16 +256,21 @@ def _upload(store: MetadataStore, path: str, data: bytes, principal: Principal) 
         )
         conn.execute(
             table.insert().values(
-                model_id=where.model_id, path=where.rel, hash=digest, size=len(data), created_at=now
+                model_id=where.model_id, path=where.rel, hash=digest, size=size, created_at=now
             )
         )
-    return reply({})
 
 
 @router.put("/artifacts/{path:path}")
 async def upload(path: str, request: Request, store: Store, principal: Operator) -> Response:
-    data = await request.body()
-    return await run_in_threadpool(_upload, store, path, data, principal)
+    """The body streams to a temporary file, then from it to the artifact store, never
+    whole into memory; the guard caps its size (KEEL_SERVER_MAX_UPLOAD)."""
+    where = await run_in_threadpool(_upload_target, store, path, principal)
+    with tempfile.TemporaryFile() as spool:
+        async for chunk in request.stream():
+            spool.write(chunk)
+        await run_in_threadpool(_save, store, where, spool)
+    return reply({})
 
 
 def _delete(store: MetadataStore, path: str, principal: Principal) -> Response:

@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException
 from keel import errors as keel_errors
 from keel.server.auth import Principal
 from keel.server.deps import get_store, require
-from keel.server.errors import ApiError
+from keel.server.errors import RETRY_AFTER, ApiError, store_unreachable
+from keel.server.guard import Refused
 from keel.store.limits import INT64_MAX, INT64_MIN, shown, text_problem
 from keel.store.metadata import MetadataStore
 
@@ -49,13 +50,18 @@ STATUS_BY_CODE = {
 class MlflowError(Exception):
     """Raised by route code: an MLflow-shaped error reply."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
         self.code = code
         self.message = message
+        self.status = status or STATUS_BY_CODE[code]
         super().__init__(message)
 
     def response(self) -> Response:
-        return reply({"error_code": self.code, "message": self.message}, STATUS_BY_CODE[self.code])
+        out = reply({"error_code": self.code, "message": self.message}, self.status)
+        if self.status == 503:
+            # What MLflow's client retries on, and when to.
+            out.headers["Retry-After"] = RETRY_AFTER
+        return out
 
 
 def not_found(message: str) -> MlflowError:
@@ -85,6 +91,14 @@ def as_mlflow_error(exc: Exception) -> MlflowError | None:
     """The MLflow error for an exception raised by a route or a dependency, if known."""
     if isinstance(exc, MlflowError):
         return exc
+    if isinstance(exc, Refused):  # an upload past its cap, while it streamed
+        text = exc.message + (f" ({exc.hint})" if exc.hint else "")
+        return MlflowError("BAD_REQUEST", text, exc.status)
+    if store_unreachable(exc):
+        log.warning("metadata store error: %s", exc)
+        return MlflowError(
+            "TEMPORARILY_UNAVAILABLE", "the metadata store cannot be reached; try again"
+        )
     if isinstance(exc, ApiError):
         codes = {
             401: "UNAUTHENTICATED",
@@ -210,12 +224,15 @@ def check_texts(value: Any, where: str = "") -> None:
 
 
 async def _args(request: Request) -> dict[str, Any]:
-    """Query parameters and the JSON body together (DELETE carries a body too)."""
+    """A GET's query parameters, or the JSON body of any other method (DELETE carries
+    a body too). A change never takes its arguments from the query string, which an
+    HTML form on another site could fill in."""
     args: dict[str, Any] = {}
-    for key in request.query_params:
-        values = request.query_params.getlist(key)
-        args[key] = values[0] if len(values) == 1 else values
-    if request.method != "GET":
+    if request.method == "GET":
+        for key in request.query_params:
+            values = request.query_params.getlist(key)
+            args[key] = values[0] if len(values) == 1 else values
+    else:
         raw = await request.body()
         if raw.strip():
             try:

@@ -37,11 +37,17 @@ class ErrorReply(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorReply, "description": text}
     for status, text in (
-        (400, "Bad request (a bad cursor, filter or argument)"),
+        (
+            400,
+            "Bad request (a bad cursor, filter or argument, JSON nested too deep, a Host "
+            "that does not name this server)",
+        ),
         (401, "No API token, or one that is not valid"),
-        (403, "The token's role does not allow this"),
+        (403, "The token's role does not allow this, or a change sent from another site"),
         (404, "No such run, step, artifact, model or workflow"),
         (409, "The thing is in a state that does not allow this"),
+        (413, "The request body is larger than the server accepts"),
+        (415, "A change whose body is not JSON (Content-Type: application/json)"),
         (422, "The request does not validate"),
         (503, "The metadata store is unavailable"),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, Field
 
 from keel.server import auth
@@ -43,11 +43,10 @@ class Me(BaseModel):
 
 
 @router.get("/me", response_model=Me)
-def me(principal: Viewer, store: Store) -> Me:
+def me(principal: Viewer, request: Request) -> Me:
     """Who the caller is, and whether this server asks for tokens."""
-    return Me(
-        name=principal.name, role=principal.role, tokens_required=auth.tokens_configured(store)
-    )
+    mode: auth.AuthMode = request.app.state.auth_mode
+    return Me(name=principal.name, role=principal.role, tokens_required=mode.tokens_required)
 
 
 @router.get("/tokens", response_model=list[TokenOut])

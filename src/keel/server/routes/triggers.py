@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, Header, Path, Query, Request
 from pydantic import BaseModel
 
 from keel.errors import ParameterError, ScheduleError
+from keel.server import audit
 from keel.server.auth import Principal
 from keel.server.errors import ApiError
 from keel.server.routes.common import AUTH, ERRORS, Store, Viewer
@@ -107,7 +108,8 @@ def fire(
     from keel.scheduler import triggers
 
     given = x_keel_trigger_token or token
-    request.state.principal = Principal(f"webhook:{name}"[:200], "webhook")
+    request.state.principal = caller = Principal(f"webhook:{name}"[:200], "webhook")
+    audit.arm(caller.name, caller.role, 202)
     info = _get(store, name)
     if info.kind != "webhook":
         raise ApiError(409, "conflict", f"trigger {name!r} is a {info.kind} trigger, not a webhook")
