@@ -344,3 +344,33 @@ def test_cli_serves_on_ray_and_sigterm_deletes_the_app_and_exits_0(world: World)
             proc.kill()
             proc.wait(BOUND)
         log.close()
+
+
+def test_bad_scale_options_are_clear_errors() -> None:
+    from keel.errors import ServingError
+    from keel.serving.on_ray import RayServeOptions
+
+    auto = RayServeOptions.of(autoscaling='{"min_replicas": 1, "max_replicas": 3}')
+    assert auto.deployment_options() == {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}
+    }
+    assert RayServeOptions.of(min_replicas=0, max_replicas=2).deployment_options() == {
+        "autoscaling_config": {"min_replicas": 0, "max_replicas": 2}
+    }
+    assert RayServeOptions.of(replicas=3).deployment_options() == {"num_replicas": 3}
+    cases = {
+        "not valid JSON": {"autoscaling": "{min"},
+        "must be a JSON object": {"autoscaling": "[1]"},
+        "not both": {"replicas": 2, "max_replicas": 3},
+        "more than max_replicas": {"min_replicas": 4, "max_replicas": 2},
+        "at least 1": {"replicas": 0},
+    }
+    for message, kwargs in cases.items():
+        with pytest.raises(ServingError, match=message):
+            RayServeOptions.of(**kwargs)
+    with pytest.raises(ServingError, match="options of --on ray"):
+        keel.serve("models:/digits@champion", replicas=2)
+    with pytest.raises(ServingError, match="serves model URIs"):
+        keel.serve("flows.py:search", on="ray")
+    with pytest.raises(ServingError, match="'local' or 'ray'"):
+        keel.serve("models:/digits@champion", on="k8s")
