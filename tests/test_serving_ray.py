@@ -283,6 +283,22 @@ def test_moving_the_alias_switches_every_replica_with_no_failed_request(world: W
     assert httpx.get(f"{world.url}/version").json()["version"] == 2
 
 
+def test_a_second_model_on_the_same_route_is_refused_clearly(world: World) -> None:
+    from keel.errors import ServingError
+    from keel.store import deployments
+    from keel.store.metadata import open_store
+
+    before = {a for a in serve.status().applications if a.startswith("keel-")}
+    with pytest.raises(ServingError, match="did not deploy") as caught:
+        keel.serve("models:/digits/1", on="ray", background=True)
+    assert caught.value.hint is not None and "route prefix" in caught.value.hint
+    assert {a for a in serve.status().applications if a.startswith("keel-")} == before
+    rows = deployments.list_deployments(open_store(), model="digits", include_stopped=True)
+    refused = [r for r in rows if r.id != world.handle.deployment_id]
+    assert [r.state for r in refused] == ["stopped"]
+    assert httpx.get(f"{world.url}/ping").status_code == 200  # the first one still serves
+
+
 def _server_env(world: World) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_", "RAY_ADDRESS"))}
     env.update(world.env)
