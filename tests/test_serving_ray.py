@@ -310,6 +310,28 @@ def _server_env(world: World) -> dict[str, str]:
 CLI_ARGS = ("--on", "ray", "--replicas", "1", "--port")
 
 
+def test_cli_start_errors_on_ray_are_one_line_and_exit_2(world: World) -> None:
+    """Checked before anything is deployed: the model first, then the options."""
+    env = {k: v for k, v in _server_env(world).items() if k != "KEEL_RAY_ADDRESS"}
+    cases = {
+        "no registered model named 'nope'": ["models:/nope@champion", "--on", "ray"],
+        "alias 'nope'": ["models:/digits@nope", "--on", "ray"],
+        "options of --on ray": ["models:/digits@champion", "--replicas", "2"],
+        "must be a JSON object": ["models:/digits@champion", "--on", "ray", "--autoscaling", "[1]"],
+    }
+    for message, args in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "keel", "serve", *args, "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BOUND,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+        assert " on http://" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_cli_serves_on_ray_and_sigterm_deletes_the_app_and_exits_0(world: World) -> None:
     """Runs last for its store: the route / is the module app's until it is deleted."""
     world.handle.stop()
