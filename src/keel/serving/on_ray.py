@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -50,6 +50,7 @@ from keel.serving.options import ServeOptions
 from keel.serving.protocol import ProtocolError
 from keel.serving.record import Record
 from keel.serving.runner import ServerHandle
+from keel.store.metadata import MetadataStore
 
 log = logging.getLogger("keel.serving")
 
@@ -305,8 +306,6 @@ def serve_on_ray(
 ) -> RayServeHandle | None:
     """Deploy the endpoint of `uri` on Ray Serve; block until SIGTERM/SIGINT (then
     delete it), or with `background` return a handle at once."""
-    from ray import serve
-
     from keel.executors.ray_executor import connect
     from keel.store.metadata import open_store
 
@@ -323,6 +322,25 @@ def serve_on_ray(
     del served
     connect()
     _with_serve_batch()
+    with ExitStack() as signals:
+        # From here on a SIGTERM/SIGINT only asks to stop: a deploy under way finishes
+        # and is then deleted, never left behind (Ray's driver handler would exit).
+        stopped = threading.Event() if background else signals.enter_context(_until_signal())
+        return _deploy_and_run(uri, options, scale, store, probe, background, announce, stopped)
+
+
+def _deploy_and_run(
+    uri: str,
+    options: ServeOptions,
+    scale: RayServeOptions,
+    store: MetadataStore,
+    probe: ModelSlot,
+    background: bool,
+    announce: Callable[[str], None] | None,
+    stopped: threading.Event,
+) -> RayServeHandle | None:
+    from ray import serve
+
     host, port = _start_serve(options)
     deployment_id = uuid.uuid4().hex[:16]
     app_name = f"{APP_PREFIX}{deployment_id}"
@@ -364,12 +382,11 @@ def serve_on_ray(
         raise
     if background:
         return RayServeHandle(url, deployment_id, app_name, stop)
-    if announce is not None:
+    if announce is not None and not stopped.is_set():
         announce(url)
     try:
-        with _until_signal() as stopped:
-            while not stopped.wait(0.5):  # a timed wait lets the handler run promptly
-                pass
+        while not stopped.wait(0.5):  # a timed wait lets the handler run promptly
+            pass
     finally:
         stop()
     return None
