@@ -56,9 +56,29 @@ def serve(
         bool,
         typer.Option("--ephemeral", help="A workflow's steps run in memory, unrecorded"),
     ] = False,
+    on: Annotated[
+        str, typer.Option("--on", help="local (this machine) or ray (a Ray Serve application)")
+    ] = "local",
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", min=1, help="--on ray: replicas to run")
+    ] = None,
+    min_replicas: Annotated[
+        int | None,
+        typer.Option("--min-replicas", min=0, help="--on ray: autoscale from this many"),
+    ] = None,
+    max_replicas: Annotated[
+        int | None,
+        typer.Option("--max-replicas", min=1, help="--on ray: autoscale up to this many"),
+    ] = None,
+    autoscaling: Annotated[
+        str | None,
+        typer.Option(
+            "--autoscaling", help="--on ray: Ray Serve's autoscaling_config as a JSON object"
+        ),
+    ] = None,
 ) -> None:
     """Serve a registered model (MLflow's scoring protocol) or a workflow over HTTP."""
-    from keel.errors import ModelRegistryError, ServingError
+    from keel.errors import ConfigError, ModelRegistryError, ServingError
     from keel.serving.runner import is_model_target
     from keel.serving.runner import serve as run_server
 
@@ -82,9 +102,16 @@ def serve(
             graceful_timeout=graceful_timeout,
             ephemeral=ephemeral,
             announce=announce,
+            on=on,
+            replicas=replicas,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            autoscaling=autoscaling,
         )
     except (ServingError, ModelRegistryError) as exc:
         fail(exc.message, hint=exc.hint, code=EXIT_USAGE)
+    except ConfigError as exc:  # --on ray: the cluster cannot be reached or started
+        fail(exc.message, hint=exc.hint, code=EXIT_FAILED)
     except ImportError as exc:
         fail(
             f"cannot load {target}: {type(exc).__name__}: {exc}",

@@ -107,11 +107,20 @@ def serve(
     ephemeral: bool = False,
     background: bool = False,
     announce: Callable[[str], None] | None = None,
+    on: str = "local",
+    replicas: int | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    autoscaling: str | dict[str, Any] | None = None,
 ) -> ServerHandle | None:
     """Serve `target` over HTTP: a model URI (`models:/digits@champion`) or a workflow
     (`flows.py:search`). Blocks until SIGTERM/SIGINT; with `background=True` returns a
     `ServerHandle` (`.url`, `.stop()`) at once, serving from a thread (port 0 picks a
-    free port)."""
+    free port).
+
+    `on="ray"` deploys a model URI as a Ray Serve application instead (see
+    `keel.serving.on_ray`): `replicas`, or Ray Serve's autoscaling_config as
+    `autoscaling` (a dict or JSON) or `min_replicas`/`max_replicas`."""
     from keel.serving.options import DEFAULT_MAX_BODY
 
     if not isinstance(target, str) or not target.strip():
@@ -130,9 +139,27 @@ def serve(
         poll_seconds=poll_seconds,
         graceful_timeout=graceful_timeout,
     )
+    target = target.strip()
+    if on not in ("local", "ray"):
+        raise ServingError(f"on must be 'local' or 'ray', got {on!r}", hint="e.g. --on ray")
+    scaled = (replicas, min_replicas, max_replicas, autoscaling)
+    if on == "ray":
+        from keel.serving.on_ray import RayServeOptions, serve_on_ray
+
+        if not is_model_target(target):
+            raise ServingError(
+                f"--on ray serves model URIs, not {target!r}",
+                hint="Serve a workflow without --on ray",
+            )
+        scale = RayServeOptions.of(replicas, autoscaling, min_replicas, max_replicas)
+        return serve_on_ray(target, options, scale, background=background, announce=announce)
+    if any(value is not None for value in scaled):
+        raise ServingError(
+            "replicas and autoscaling are options of --on ray",
+            hint="Add --on ray, or use --workers N for the local server",
+        )
     if background and workers != 1:
         raise ServingError("a background server runs one process", hint="Use workers=1")
-    target = target.strip()
     if is_model_target(target):
         return _serve_model(target, options, background, announce)
     spec = {"factory": WORKFLOW_FACTORY, "args": [target], "kwargs": {"ephemeral": ephemeral}}
