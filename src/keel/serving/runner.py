@@ -107,12 +107,18 @@ def serve(
     ephemeral: bool = False,
     background: bool = False,
     announce: Callable[[str], None] | None = None,
+    allowed_hosts: tuple[str, ...] | list[str] = (),
+    insecure_no_auth: bool = False,
 ) -> ServerHandle | None:
     """Serve `target` over HTTP: a model URI (`models:/digits@champion`) or a workflow
     (`flows.py:search`). Blocks until SIGTERM/SIGINT; with `background=True` returns a
     `ServerHandle` (`.url`, `.stop()`) at once, serving from a thread (port 0 picks a
-    free port)."""
+    free port). Beyond loopback it needs an API token to exist first (callers send
+    it), unless `insecure_no_auth`; `allowed_hosts`: more names callers may use in
+    `Host` (docs/serving.md, "Who can call it")."""
+    from keel.serving.gate import check_exposure
     from keel.serving.options import DEFAULT_MAX_BODY
+    from keel.store.metadata import open_store
 
     if not isinstance(target, str) or not target.strip():
         raise ServingError(
@@ -129,7 +135,10 @@ def serve(
         request_timeout=request_timeout,
         poll_seconds=poll_seconds,
         graceful_timeout=graceful_timeout,
+        allowed_hosts=tuple(allowed_hosts),
+        insecure_no_auth=insecure_no_auth,
     )
+    check_exposure(open_store(), options)
     if background and workers != 1:
         raise ServingError("a background server runs one process", hint="Use workers=1")
     target = target.strip()
@@ -192,7 +201,7 @@ def serve_factory(
     sock = bind(options.host, options.port)
     if options.workers == 1:
         try:
-            app = _import(spec["factory"])(*spec.get("args", []), **spec.get("kwargs", {}))
+            app = _import(spec["factory"])(*spec.get("args", []), **_with_options(spec, options))
         except BaseException:
             sock.close()
             raise
@@ -306,7 +315,7 @@ def _run(
 
 def _with_options(spec: dict[str, Any], options: ServeOptions) -> dict[str, Any]:
     kwargs = dict(spec.get("kwargs", {}))
-    if spec["factory"] == MODEL_FACTORY:
+    if spec["factory"] in (MODEL_FACTORY, WORKFLOW_FACTORY):
         kwargs["options"] = options.to_dict()
     return kwargs
 
