@@ -412,3 +412,6 @@ def test_bad_scale_options_are_clear_errors() -> None:
         keel.serve("flows.py:search", on="ray")
     with pytest.raises(ServingError, match="'local' or 'ray'"):
         keel.serve("models:/digits@champion", on="k8s")
+    # Ray Serve's proxy runs no keel guard: beyond loopback only when told it is safe.
+    with pytest.raises(ServingError, match="does not check keel's API tokens"):
+        keel.serve("models:/digits@champion", on="ray", host="0.0.0.0")

@@ -2,7 +2,8 @@
 
 Exit codes of `keel serve`: 0 after a graceful shutdown (SIGTERM, SIGINT/Ctrl-C);
 2 bad input: an unknown model, version or alias, a malformed URI or option, a port
-that is taken or an address that is not this machine's; 1 the model exists but
+that is taken or an address that is not this machine's, an address beyond loopback
+while no API token exists (without --insecure-no-auth); 1 the model exists but
 cannot be loaded here (e.g. its flavor's library is missing), or another failure.
 """
 
@@ -25,7 +26,10 @@ def serve(
             "(file.py:name, module:name)"
         ),
     ],
-    host: Annotated[str, typer.Option("--host", help="Address to listen on")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option("--host", help="Address to listen on (loopback unless an API token exists)"),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Processes serving on the one port")
@@ -76,6 +80,23 @@ def serve(
             "--autoscaling", help="--on ray: Ray Serve's autoscaling_config as a JSON object"
         ),
     ] = None,
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            metavar="NAME",
+            help="Another host name clients may call this endpoint by (repeatable; also "
+            "KEEL_SERVER_ALLOWED_HOSTS); others get 400",
+        ),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="Serve anyone who can reach --host while no API token exists "
+            "(unsafe beyond loopback)",
+        ),
+    ] = False,
 ) -> None:
     """Serve a registered model (MLflow's scoring protocol) or a workflow over HTTP."""
     from keel.errors import ConfigError, ModelRegistryError, ServingError
@@ -107,6 +128,8 @@ def serve(
             min_replicas=min_replicas,
             max_replicas=max_replicas,
             autoscaling=autoscaling,
+            allowed_hosts=tuple(allowed_hosts or ()),
+            insecure_no_auth=insecure_no_auth,
         )
     except (ServingError, ModelRegistryError) as exc:
         fail(exc.message, hint=exc.hint, code=EXIT_USAGE)

@@ -1,4 +1,5 @@
-"""The server's front door: pure ASGI middleware in front of every route.
+"""The front door: pure ASGI middleware in front of every route of `keel server`, and
+(with a `serving.gate` policy) of the endpoints of `keel serve`.
 
 In this order, each from the request's headers before any of its body is read:
 1. `Host` must name this server (its bound address, loopback names, `--allowed-host`
@@ -9,11 +10,16 @@ In this order, each from the request's headers before any of its body is read:
    no HTML form can send and a browser sends cross-site only after a CORS preflight
    this server never grants).
 3. API routes authenticate the caller (401 before the body is read); the role check
-   stays with each route (`deps.require`).
+   stays with each route (`deps.require`). A policy may name a route's least role,
+   which is then checked here too (403 before the body).
 4. Bodies are capped: `Content-Length` over the cap, or more bytes streamed than it
    (chunked bodies too), get 413. JSON bodies (capped at `max_body`) are read here,
    and nested deeper than `max_json_depth` get 400; uploads stream through with
    their own cap (`max_upload`).
+
+What differs per app (which paths are open, which role a path needs, which content
+types a change may have, how a refusal is written) is its `Policy`; `ServerPolicy`
+is `keel server`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from starlette.concurrency import run_in_threadpool
@@ -46,6 +52,8 @@ _MLFLOW_PREFIXES = ("/api/2.0/", "/ajax-api/2.0/", "/api/3.0/")
 _PUBLIC = frozenset({"/api/v1/health", "/api/v1/openapi.json", "/api/v1/docs"})
 _WEBHOOK = re.compile(r"^/api/v1/triggers/[^/]+$")
 _FILES = re.compile(r"^/(api|ajax-api)/2\.0/mlflow-artifacts/artifacts/")
+JSON_TYPE = "application/json"
+JSON_ONLY = frozenset({JSON_TYPE})
 
 
 def _env_int(name: str, default: int) -> int:
@@ -125,9 +133,23 @@ def is_loopback(host: str) -> bool:
 class Refused(ApiError):
     """A request the front door (or an upload's capped stream) turns away."""
 
-    def __init__(self, status: int, code: str, message: str, hint: str | None = None) -> None:
-        super().__init__(status, code, message, {"hint": hint} if hint else None)
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        hint: str | None = None,
+        **facts: Any,
+    ) -> None:
+        details = {**({"hint": hint} if hint else {}), **facts}
+        super().__init__(status, code, message, details or None)
         self.hint = hint
+        self.facts = facts
+
+    def body(self, code: str | None = None) -> dict[str, Any]:
+        """The REST API's error shape (`code` replaces the guard's own)."""
+        details = {**({"hint": self.hint} if self.hint else {}), **self.facts} or None
+        return {"error": {"code": code or self.code, "message": self.message, "details": details}}
 
 
 _MLFLOW_CODES = {
@@ -138,6 +160,54 @@ _MLFLOW_CODES = {
     415: "BAD_REQUEST",
     503: "TEMPORARILY_UNAVAILABLE",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Door:
+    """What one request must bring. `role`: the least role, checked before the body
+    (None: open to anyone). `body_types`: the media types a change may carry (None:
+    raw bytes, streamed to the route). `cap`: the most body bytes."""
+
+    role: str | None
+    body_types: frozenset[str] | None
+    cap: int
+
+
+class Policy(Protocol):
+    """What the guard asks of the app it stands in front of."""
+
+    @property
+    def webhooks(self) -> bool:
+        """Whether `POST /api/v1/triggers/NAME` carries its own webhook token."""
+        ...
+
+    def door(self, method: str, path: str, config: GateConfig) -> Door: ...
+
+    def render(self, path: str, refused: Refused) -> dict[str, Any]: ...
+
+
+class ServerPolicy:
+    """`keel server`: its API paths need a caller (roles checked by each route), the
+    web UI and liveness are open, artifact files stream, MLflow paths answer in
+    MLflow's error shape."""
+
+    webhooks = True
+
+    def door(self, method: str, path: str, config: GateConfig) -> Door:
+        # Artifact files (PUT to upload, DELETE): bytes, not JSON arguments.
+        if method in ("PUT", "DELETE") and _FILES.match(path):
+            cap = config.max_upload if method == "PUT" else config.max_body
+            return Door("viewer" if _needs_auth(path) else None, None, cap)
+        return Door("viewer" if _needs_auth(path) else None, JSON_ONLY, config.max_body)
+
+    def render(self, path: str, refused: Refused) -> dict[str, Any]:
+        if path.startswith(_MLFLOW_PREFIXES):
+            text = refused.message + (f" ({refused.hint})" if refused.hint else "")
+            return {"error_code": _MLFLOW_CODES[refused.status], "message": text}
+        return refused.body()
+
+
+SERVER = ServerPolicy()
 
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
@@ -162,12 +232,18 @@ class Guard:
     """Pure ASGI middleware: the checks of the module docstring, then the app."""
 
     def __init__(
-        self, app: ASGIApp, store: MetadataStore, config: GateConfig, mode: auth.AuthMode
+        self,
+        app: ASGIApp,
+        store: MetadataStore,
+        config: GateConfig,
+        mode: auth.AuthMode,
+        policy: Policy = SERVER,
     ) -> None:
         self.app = app
         self.store = store
         self.config = config
         self.mode = mode
+        self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -178,24 +254,24 @@ class Guard:
         try:
             self._check_host(headers)
             method = scope["method"]
-            # Artifact files (PUT to upload, DELETE): bytes, not JSON arguments.
-            files = method in ("PUT", "DELETE") and bool(_FILES.match(path))
+            door = self.policy.door(method, path, self.config)
+            kind = _media_type(headers)
             if method in MUTATING:
                 self._check_origin(headers)
-                self._check_content_type(headers, files)
-            await self._authenticate(scope, path, headers)
-            cap = self.config.max_upload if files and method == "PUT" else self.config.max_body
+                self._check_content_type(headers, kind, door.body_types)
+            await self._authenticate(scope, path, headers, door.role)
             length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > cap:
-                raise _too_large(cap)
-            if method in MUTATING and not files:
-                body = await _read_body(receive, cap)
-                await self._check_json(body)
+            if length.isdigit() and int(length) > door.cap:
+                raise _too_large(door.cap)
+            if method in MUTATING and door.body_types is not None:
+                body = await _read_body(receive, door.cap)
+                if kind in ("", JSON_TYPE):
+                    await self._check_json(body)
                 receive = _replay(body, receive)
             else:
-                receive = _capped(receive, cap)
+                receive = _capped(receive, door.cap)
         except Refused as refused:
-            await _refuse(scope, send, refused)
+            await self._refuse(scope, send, refused)
             return
         await self._serve(scope, receive, send)
 
@@ -214,7 +290,7 @@ class Guard:
         except Refused as refused:
             if started:
                 raise
-            await _refuse(scope, send, refused)
+            await self._refuse(scope, send, refused)
 
     def _check_host(self, headers: dict[str, str]) -> None:
         host = headers.get("host", "")
@@ -246,19 +322,22 @@ class Guard:
                 "Call the API from the server's own pages or from a program (no Origin header)",
             )
 
-    def _check_content_type(self, headers: dict[str, str], files: bool) -> None:
-        if files:
+    def _check_content_type(
+        self, headers: dict[str, str], kind: str, accepted: frozenset[str] | None
+    ) -> None:
+        if accepted is None:
             return
-        kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
-        if kind == "application/json" or (not kind and not has_body):
+        if kind in accepted or (not kind and not has_body):
             return
-        raise Refused(
-            415,
-            "unsupported_media_type",
-            f"this request needs a JSON body (application/json), not {kind or 'none'}",
-            "Send the arguments as a JSON object with Content-Type: application/json",
-        )
+        if accepted == JSON_ONLY:
+            message = f"this request needs a JSON body (application/json), not {kind or 'none'}"
+            hint = "Send the arguments as a JSON object with Content-Type: application/json"
+        else:
+            named = " or ".join(sorted(accepted))
+            message = f"this request's body must be {named}, not {kind or 'none'}"
+            hint = f"Send Content-Type: {named}"
+        raise Refused(415, "unsupported_media_type", message, hint)
 
     async def _check_json(self, body: bytes) -> None:
         limit = self.config.max_json_depth
@@ -276,8 +355,10 @@ class Guard:
                 "Flatten the request body (KEEL_SERVER_MAX_JSON_DEPTH sets the limit)",
             )
 
-    async def _authenticate(self, scope: Scope, path: str, headers: dict[str, str]) -> None:
-        if scope["method"] == "POST" and _WEBHOOK.match(path):
+    async def _authenticate(
+        self, scope: Scope, path: str, headers: dict[str, str], role: str | None
+    ) -> None:
+        if self.policy.webhooks and scope["method"] == "POST" and _WEBHOOK.match(path):
             # The webhook's own token is compared in the route; without one at all,
             # the request ends here, before its body is read.
             query = scope.get("query_string", b"").decode("latin-1")
@@ -290,7 +371,7 @@ class Guard:
                     "Send it as the X-Keel-Trigger-Token header",
                 )
             return
-        if not _needs_auth(path):
+        if role is None:
             return
         try:
             principal = await run_in_threadpool(
@@ -304,7 +385,17 @@ class Guard:
                     503, "store_unavailable", "the metadata store cannot be reached; try again"
                 ) from None
             raise
+        if not principal.allows(role):
+            raise Refused(
+                403,
+                "forbidden",
+                f"this needs the {role} role; token {principal.name!r} has {principal.role}",
+                f"Call it with a token of the {role} role (keel token create NAME --role {role})",
+            )
         scope.setdefault("state", {})["principal"] = principal
+
+    async def _refuse(self, scope: Scope, send: Send, refused: Refused) -> None:
+        await _refuse(send, refused, self.policy.render(scope["path"], refused))
 
 
 def _needs_auth(path: str) -> bool:
@@ -328,8 +419,14 @@ def _too_large(cap: int) -> Refused:
         413,
         "too_large",
         f"the request body is larger than this server accepts ({cap} bytes)",
-        "KEEL_SERVER_MAX_BODY (JSON) and KEEL_SERVER_MAX_UPLOAD (artifact uploads) set the caps",
+        "KEEL_SERVER_MAX_BODY (JSON) and KEEL_SERVER_MAX_UPLOAD (artifact uploads) set the "
+        "caps of keel server, --max-body-bytes the one of keel serve",
+        limit=cap,
     )
+
+
+def _media_type(headers: dict[str, str]) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -384,14 +481,7 @@ def _capped(receive: Receive, cap: int) -> Receive:
     return counted
 
 
-async def _refuse(scope: Scope, send: Send, refused: Refused) -> None:
-    path: str = scope["path"]
-    if path.startswith(_MLFLOW_PREFIXES):
-        text = refused.message + (f" ({refused.hint})" if refused.hint else "")
-        body: dict[str, Any] = {"error_code": _MLFLOW_CODES[refused.status], "message": text}
-    else:
-        details = {"hint": refused.hint} if refused.hint else None
-        body = {"error": {"code": refused.code, "message": refused.message, "details": details}}
+async def _refuse(send: Send, refused: Refused, body: dict[str, Any]) -> None:
     data = json.dumps(body).encode()
     headers = [
         (b"content-type", b"application/json"),

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from keel import __version__
-from keel.serving import checks, protocol
+from keel.serving import checks, gate, protocol
 from keel.serving.batching import Batcher
 from keel.serving.metrics import CONTENT_TYPE, ServingMetrics
 from keel.serving.model_slot import ModelSlot, Served
@@ -39,10 +39,11 @@ def create_model_app(
     slot: ModelSlot | None = None,
     load_first: bool = False,
 ) -> Starlette:
-    """The endpoint of `uri`. Given a started `slot` it serves at once. Otherwise it
-    loads the model at startup: before accepting connections with `load_first` (what
-    each `--workers` process does, so none answers before it can predict), else in
-    the background while /ping answers 503."""
+    """The endpoint of `uri`, behind the guard (serving/gate.py: Host, Origin, content
+    type, token and body cap, as `options` say). Given a started `slot` it serves at
+    once. Otherwise it loads the model at startup: before accepting connections with
+    `load_first` (what each `--workers` process does, so none answers before it can
+    predict), else in the background while /ping answers 503."""
     from keel.store.metadata import open_store
 
     opts = options or ServeOptions()
@@ -95,7 +96,7 @@ def create_model_app(
         try:
             if served is None:
                 raise ProtocolError(503, "NOT_READY", "the model is not loaded yet")
-            body = await _read_body(request, opts.max_body_bytes)
+            body = await request.body()  # capped by the guard at --max-body-bytes
             parsed = protocol.parse(body, request.headers.get("content-type"))
             data = checks.checked(served.model, parsed)
             used, out = await asyncio.wait_for(
@@ -156,6 +157,7 @@ def create_model_app(
     )
     app.state.slot = slot
     app.state.metrics = metrics
+    gate.guard(app, slot.store, opts, gate.model_policy())
     return app
 
 
@@ -196,28 +198,3 @@ def _reporter(store: MetadataStore, deployment_id: str) -> Any:
         )
 
     return report
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit`: by its
-    Content-Length before reading, else while the bytes stream in."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit, int(declared))
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit, None)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int, size: int | None) -> ProtocolError:
-    told = f" ({size} bytes)" if size is not None else ""
-    return ProtocolError(
-        413,
-        "PAYLOAD_TOO_LARGE",
-        f"the body{told} is larger than the limit of {limit} bytes",
-        {"limit": limit},
-    )

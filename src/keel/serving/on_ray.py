@@ -44,7 +44,7 @@ from keel import __version__
 from keel.errors import ServingError
 from keel.serving import checks, protocol
 from keel.serving.batching import _predict_batch
-from keel.serving.model_app import VERSION_HEADER, _read_body, _reporter, health_of
+from keel.serving.model_app import VERSION_HEADER, _reporter, health_of
 from keel.serving.model_slot import ModelSlot, Served
 from keel.serving.options import ServeOptions
 from keel.serving.protocol import ProtocolError
@@ -196,7 +196,7 @@ class ModelReplica:
         opts = self.options
         try:
             assert served is not None  # loaded in __init__, before Ray routes here
-            body = await _read_body(request, opts.max_body_bytes)
+            body = await _read_capped_body(request, opts.max_body_bytes)
             parsed = protocol.parse(body, request.headers.get("content-type"))
             data = checks.checked(served.model, parsed)
             # serve.batch turns `_batched(parts)` into a call per request's data.
@@ -494,3 +494,29 @@ def _wait_ready(url: str, bound: float = 120.0) -> None:
             pass
         time.sleep(0.1)
     raise ServingError(f"{url}/ping did not answer within {bound:.0f} s")
+
+
+async def _read_capped_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (Ray Serve's
+    proxy runs no keel guard to cap it): by its Content-Length before reading, else
+    while the bytes stream in."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, None)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int, size: int | None) -> ProtocolError:
+    told = f" ({size} bytes)" if size is not None else ""
+    return ProtocolError(
+        413,
+        "PAYLOAD_TOO_LARGE",
+        f"the body{told} is larger than the limit of {limit} bytes",
+        {"limit": limit},
+    )

@@ -23,8 +23,15 @@ class ServeOptions:
     poll_seconds: float = 1.0  # how often an alias is looked up
     graceful_timeout: float = 10.0  # how long in-flight requests get at shutdown
     deployment_id: str | None = None  # the store row this server reports to
+    allowed_hosts: tuple[str, ...] = ()  # more Host names callers may use (serving/gate.py)
+    insecure_no_auth: bool = False  # beyond loopback, anonymous callers while no token exists
 
     def __post_init__(self) -> None:
+        # Through KEEL_SERVE_SPEC (JSON) to worker processes the tuple comes back a list.
+        hosts = self.allowed_hosts
+        if isinstance(hosts, str) or not all(isinstance(h, str) for h in hosts):
+            raise ServingError(f"allowed_hosts must be host names, got {hosts!r}")
+        object.__setattr__(self, "allowed_hosts", tuple(hosts))
         positive = {
             "workers": self.workers,
             "max_batch_size": self.max_batch_size,

@@ -112,16 +112,24 @@ def serve(
     min_replicas: int | None = None,
     max_replicas: int | None = None,
     autoscaling: str | dict[str, Any] | None = None,
+    allowed_hosts: tuple[str, ...] | list[str] = (),
+    insecure_no_auth: bool = False,
 ) -> ServerHandle | None:
     """Serve `target` over HTTP: a model URI (`models:/digits@champion`) or a workflow
     (`flows.py:search`). Blocks until SIGTERM/SIGINT; with `background=True` returns a
     `ServerHandle` (`.url`, `.stop()`) at once, serving from a thread (port 0 picks a
-    free port).
+    free port). Beyond loopback it needs an API token to exist first (callers send
+    it), unless `insecure_no_auth`; `allowed_hosts`: more names callers may use in
+    `Host` (docs/serving.md, "Who can call it").
 
     `on="ray"` deploys a model URI as a Ray Serve application instead (see
     `keel.serving.on_ray`): `replicas`, or Ray Serve's autoscaling_config as
-    `autoscaling` (a dict or JSON) or `min_replicas`/`max_replicas`."""
+    `autoscaling` (a dict or JSON) or `min_replicas`/`max_replicas`. Ray Serve's proxy
+    does not run keel's guard, so it listens beyond loopback only with
+    `insecure_no_auth`."""
+    from keel.serving.gate import check_exposure
     from keel.serving.options import DEFAULT_MAX_BODY
+    from keel.store.metadata import open_store
 
     if not isinstance(target, str) or not target.strip():
         raise ServingError(
@@ -138,18 +146,28 @@ def serve(
         request_timeout=request_timeout,
         poll_seconds=poll_seconds,
         graceful_timeout=graceful_timeout,
+        allowed_hosts=tuple(allowed_hosts),
+        insecure_no_auth=insecure_no_auth,
     )
     target = target.strip()
     if on not in ("local", "ray"):
         raise ServingError(f"on must be 'local' or 'ray', got {on!r}", hint="e.g. --on ray")
     scaled = (replicas, min_replicas, max_replicas, autoscaling)
     if on == "ray":
+        from keel.server.guard import is_loopback
         from keel.serving.on_ray import RayServeOptions, serve_on_ray
 
         if not is_model_target(target):
             raise ServingError(
                 f"--on ray serves model URIs, not {target!r}",
                 hint="Serve a workflow without --on ray",
+            )
+        if not is_loopback(options.host) and not options.insecure_no_auth:
+            raise ServingError(
+                f"refusing to listen on {options.host} with --on ray: Ray Serve's proxy does "
+                "not check keel's API tokens, Host or Origin",
+                hint="Listen on 127.0.0.1 behind your gateway, or pass --insecure-no-auth "
+                "if the network is yours alone",
             )
         scale = RayServeOptions.of(replicas, autoscaling, min_replicas, max_replicas)
         return serve_on_ray(target, options, scale, background=background, announce=announce)
@@ -158,6 +176,7 @@ def serve(
             "replicas and autoscaling are options of --on ray",
             hint="Add --on ray, or use --workers N for the local server",
         )
+    check_exposure(open_store(), options)
     if background and workers != 1:
         raise ServingError("a background server runs one process", hint="Use workers=1")
     if is_model_target(target):
@@ -219,7 +238,7 @@ def serve_factory(
     sock = bind(options.host, options.port)
     if options.workers == 1:
         try:
-            app = _import(spec["factory"])(*spec.get("args", []), **spec.get("kwargs", {}))
+            app = _import(spec["factory"])(*spec.get("args", []), **_with_options(spec, options))
         except BaseException:
             sock.close()
             raise
@@ -333,7 +352,7 @@ def _run(
 
 def _with_options(spec: dict[str, Any], options: ServeOptions) -> dict[str, Any]:
     kwargs = dict(spec.get("kwargs", {}))
-    if spec["factory"] == MODEL_FACTORY:
+    if spec["factory"] in (MODEL_FACTORY, WORKFLOW_FACTORY):
         kwargs["options"] = options.to_dict()
     return kwargs
 

@@ -8,8 +8,12 @@
 - `POST /runs` (recorded mode) records the run as queued and answers 202 with its
   id and a `Location` to the REST run at once; a thread of this process then claims
   and runs it, and if the process dies the queue entry lets any worker finish it.
-  `GET /runs/{id}` reads its status (and result or error).
+  `GET /runs/{id}` reads its status (and result or error), for runs of this
+  workflow only (any other id is 404).
 - `GET /ping` and `GET /health`.
+
+The guard (serving/gate.py) stands in front: Host, Origin, JSON bodies only, the
+caller's token and role, the body cap, all before the body is read.
 
 Errors are JSON `{"error": {"code", "message", "details"}}` like the REST API's:
 400 bad JSON, 422 a parameter (named), 500 a workflow that raised (its type and
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
     from keel.sdk.definitions import Workflow
+    from keel.serving.options import ServeOptions
     from keel.store.metadata import MetadataStore
 
 log = logging.getLogger("keel.serving")
@@ -97,8 +102,7 @@ class WorkflowEndpoint:
         self._store_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(step_threads, thread_name_prefix="keel-serve-step")
         self.cache = model_cache.shared()
-        # Ephemeral runs open no store here (opening one may migrate it: a write);
-        # tasks that load models read the store named by the environment.
+        # Tasks of ephemeral runs that load models read this store (by its URL).
         self.db_url = store.url if store is not None else ""
         self.artifacts_url = store.config.artifacts_url if store is not None else ""
 
@@ -198,18 +202,27 @@ def create_workflow_app(
     store: MetadataStore | None = None,
     step_threads: int = DEFAULT_STEP_THREADS,
     model_check_interval: float | None = None,
+    options: ServeOptions | dict[str, Any] | None = None,
 ) -> Starlette:
     """The ASGI app serving the workflow `ref` (`flows.py:search` or `module:name`,
-    found as `keel run` finds it). `store`: where recorded runs go and models are
-    read (default: KEEL_DB_URL / KEEL_HOME). `step_threads`: the ephemeral steps'
-    pool. `model_check_interval`: seconds between alias checks of loaded models."""
+    found as `keel run` finds it). `store`: where recorded runs go, models are read
+    and API tokens checked (default: KEEL_DB_URL / KEEL_HOME). `step_threads`: the
+    ephemeral steps' pool. `model_check_interval`: seconds between alias checks of
+    loaded models. `options`: the bound host, allowed host names, body cap and
+    `insecure_no_auth` the guard goes by (default: a loopback server)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
     from keel.sdk.loader import load_workflow
+    from keel.serving import gate
+    from keel.serving.options import ServeOptions
+    from keel.store.metadata import open_store
 
+    opts = ServeOptions(**options) if isinstance(options, dict) else options or ServeOptions()
+    # Opened even for ephemeral runs: the guard reads the store's API tokens.
+    store = store or open_store()
     endpoint = WorkflowEndpoint(
         load_workflow(ref), ephemeral=ephemeral, store=store, step_threads=step_threads
     )
@@ -263,7 +276,8 @@ def create_workflow_app(
     async def status(request: Request) -> Response:
         if endpoint.ephemeral:
             return _error(409, "not_recorded", f"workflow {name} is served ephemeral")
-        return await run_in_threadpool(_run_status, endpoint.store, request.path_params["run_id"])
+        run_id = request.path_params["run_id"]
+        return await run_in_threadpool(_run_status, endpoint.store, run_id, name)
 
     async def ping(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -300,10 +314,11 @@ def create_workflow_app(
         lifespan=lifespan,
     )
     app.state.endpoint = endpoint
+    gate.guard(app, store, opts, gate.workflow_policy(ephemeral))
     return app
 
 
-def _run_status(store: MetadataStore, run_id: str) -> Response:
+def _run_status(store: MetadataStore, run_id: str, workflow: str) -> Response:
     from keel.client import Client
     from keel.errors import RunNotFoundError
 
@@ -311,6 +326,8 @@ def _run_status(store: MetadataStore, run_id: str) -> Response:
         run = Client(store=store).run(run_id)
     except RunNotFoundError as exc:
         return _error(404, "run_not_found", exc.message)
+    if run.workflow != workflow:  # this endpoint answers for its own workflow's runs only
+        return _error(404, "run_not_found", f"no run {run_id!r} of workflow {workflow}")
     body: dict[str, Any] = {"run_id": run.id, "status": str(run.status)}
     if run.status == "SUCCEEDED":
         try:
