@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +31,7 @@ from keel.server.guard import MIB, GateConfig, nests_deeper
 from keel.store.metadata import open_store
 from server_support import (
     DEADLINE,
+    Proxy,
     assert_error,
     client,
     free_port,
@@ -497,61 +496,6 @@ def test_the_audit_row_is_committed_with_the_change(app: FastAPI, backend: str) 
         ("POST", "/api/2.0/mlflow/experiments/create", 200, "local"),
         ("POST", "/api/v1/tokens", 201, "local"),
     ]
-
-
-class Proxy:
-    """A TCP proxy to PostgreSQL that can be cut (every connection dropped, new ones
-    refused) and restored: the database seen as unreachable by this server only."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.port = free_port()
-        self.open: list[socket.socket] = []
-        self.listener: socket.socket | None = None
-        self.restore()
-
-    def restore(self) -> None:
-        listener = socket.create_server(("127.0.0.1", self.port))
-        self.listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                near, _ = listener.accept()
-            except OSError:
-                return
-            far = socket.create_connection(("127.0.0.1", self.target))
-            self.open += [near, far]
-            for a, b in ((near, far), (far, near)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        assert self.listener is not None
-        # shutdown wakes the thread blocked in accept(); close alone would not.
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for s in self.open:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-        self.open.clear()
 
 
 def test_while_the_store_is_unreachable_clients_get_503_with_retry_after(pg_url: str) -> None:

@@ -404,3 +404,42 @@ def test_the_model_endpoint_takes_json_or_csv_from_its_callers_only(backend: str
         reply = httpx.post(f"{url}/invocations", content=b"x\n1.0\n", headers=plain)
         error_of(reply, 415, "UNSUPPORTED_MEDIA_TYPE")
         assert httpx.get(f"{url}/metrics", headers=viewer).status_code == 200
+
+
+def test_a_loaded_model_answers_its_callers_through_a_store_outage(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard asks the store who may call; while the store cannot be reached, a
+    server open to anonymous callers stays open (no token can appear meanwhile) and a
+    token checked lately is still honoured, so predictions go on."""
+    from flows import serving_models
+    from server_support import Proxy
+
+    url = sa.engine.make_url(pg_url)
+    proxy = Proxy(url.port or 5432)
+    monkeypatch.setenv("KEEL_DB_URL", url.set(port=proxy.port).render_as_string(False))
+    keel.register_model("steady", serving_models.OneAtATime())
+    body = {"inputs": [[1.0, 2.0]]}
+    with keel.serve("models:/steady/1", port=0, background=True) as server:
+        invocations = f"{server.url}/invocations"
+        assert httpx.post(invocations, json=body, timeout=60).status_code == 200
+        proxy.cut()
+        try:
+            reply = httpx.post(invocations, json=body, timeout=60)
+            assert reply.status_code == 200, reply.text
+            assert reply.json() == {"predictions": [3.0]}
+        finally:
+            proxy.restore()
+        token = auth.create_token(open_store(), "caller", "viewer")
+        headers = {"Authorization": f"Bearer {token}"}
+        assert httpx.post(invocations, json=body, timeout=60).status_code == 401
+        assert httpx.post(invocations, json=body, headers=headers, timeout=60).status_code == 200
+        proxy.cut()
+        try:
+            reply = httpx.post(invocations, json=body, headers=headers, timeout=60)
+            assert reply.status_code == 200, reply.text
+            anonymous = httpx.post(invocations, json=body, timeout=60)
+            assert anonymous.status_code in (401, 503), anonymous.text
+        finally:
+            proxy.restore()
+    proxy.cut()

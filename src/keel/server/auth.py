@@ -64,6 +64,8 @@ def create_token(store: MetadataStore, name: str, role: str) -> str:
         raise KeelError(
             f"a token named {name!r} exists already", hint="Pick another name or revoke it"
         ) from None
+    global _created
+    _created += 1  # after the commit: an open server in this process asks again at once
     return token
 
 
@@ -104,22 +106,47 @@ class AuthMode:
     """Whether anonymous requests are served, decided once per server.
 
     `open_without_tokens` is fixed at start (loopback, or `--insecure-no-auth`); the
-    store is then asked only until a token is seen, after which the answer is "no"
-    for the life of the server, whatever is revoked later.
+    store is then asked, at most every `_RECHECK_SECONDS` (at once after a token is
+    created in this process), only until a token is seen, after which the answer is
+    "no" for the life of the server, whatever is revoked later. While the store cannot
+    be reached the last answer stands: no token can be created without it.
     """
 
     def __init__(self, store: MetadataStore, open_without_tokens: bool) -> None:
         self._store = store
         self._open = open_without_tokens
+        self._checked_at = -_RECHECK_SECONDS
+        self._checked_generation = -1
 
     def anonymous_allowed(self) -> bool:
-        if self._open and token_ever_created(self._store):
-            self._open = False
+        if not self._open:
+            return False
+        now = time.monotonic()
+        if now - self._checked_at < _RECHECK_SECONDS and self._checked_generation == _created:
+            return True
+        generation = _created
+        try:
+            if token_ever_created(self._store):
+                self._open = False
+        except sa.exc.OperationalError:
+            return self._open  # unreachable: the request fails on its own if it needs the store
+        self._checked_at, self._checked_generation = now, generation
         return self._open
 
     @property
     def tokens_required(self) -> bool:
         return not self.anonymous_allowed()
+
+
+# How often an open server asks whether a token has appeared (another process may
+# create one); tokens created in this process close it at once.
+_RECHECK_SECONDS = 1.0
+_created = 0  # tokens created by this process, a generation AuthMode compares
+# Tokens checked against the store lately: while the store cannot be reached, a token
+# seen valid within `_OUTAGE_GRACE` seconds is still honoured, so a loaded model keeps
+# answering its callers through a database outage. Revocation is immediate otherwise.
+_OUTAGE_GRACE = 300.0
+_verified: dict[str, tuple[Principal, float]] = {}
 
 
 def _unauthenticated(message: str) -> ApiError:
@@ -145,12 +172,22 @@ def authenticate(store: MetadataStore, mode: AuthMode, authorization: str) -> Pr
         if mode.anonymous_allowed():
             return LOCAL
         raise _unauthenticated("this server needs an API token")
-    with store.engine.connect() as conn:
-        row = conn.execute(sa.select(tokens).where(tokens.c.token_hash == _hash(token))).first()
+    digest = _hash(token)
+    try:
+        with store.engine.connect() as conn:
+            row = conn.execute(sa.select(tokens).where(tokens.c.token_hash == digest)).first()
+    except sa.exc.OperationalError:
+        known = _verified.get(digest)
+        if known is not None and time.monotonic() - known[1] < _OUTAGE_GRACE:
+            return known[0]
+        raise
     if row is None or row.revoked:
+        _verified.pop(digest, None)
         raise _unauthenticated("the API token is not valid or was revoked")
+    principal = Principal(row.name, row.role)
+    _verified[digest] = (principal, time.monotonic())
     now = time.time()
     if row.last_used_at is None or now - row.last_used_at > _LAST_USED_EVERY:
         with store.engine.begin() as conn:
             conn.execute(tokens.update().where(tokens.c.id == row.id).values(last_used_at=now))
-    return Principal(row.name, row.role)
+    return principal
