@@ -83,7 +83,10 @@ def prepare(models: list[str], work: Path, systems: list[str]) -> dict[str, dict
             import mlflow.sklearn
 
             path = work / f"mlflow-{kind}"
-            mlflow.sklearn.save_model(model, str(path))
+            # mlflow saves with skops, which asks to trust a forest's tree storage by
+            # name (the model was trained here, a moment ago).
+            trusted = ["sklearn.tree._tree.Tree"] if kind == "rf" else None
+            mlflow.sklearn.save_model(model, str(path), skops_trusted_types=trusted)
             entry["mlflow"] = str(path)
         out[kind] = entry
     return out
