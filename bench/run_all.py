@@ -33,6 +33,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("b9_workers.py", [], ["--n", "200", "--workers", "1", "2", "--leases", "2"]),
     ("b10_server.py", [], ["--runs", "10000", "--requests", "50", "--batches", "10"]),
     ("b11_serving_workflows.py", [], ["--requests", "300"]),
+    ("b11_serving.py", [], ["--quick"]),
     ("b11_serving_ray.py", [], ["--requests", "300", "--rounds", "1"]),
 ]
 

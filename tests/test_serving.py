@@ -579,6 +579,47 @@ def test_a_batch_that_raises_is_retried_per_request_so_only_the_bad_one_fails() 
     assert model.calls == [1, 3, 1, 1, 1]
 
 
+class ThreadRecorder:
+    """Answers the sum of each row and notes the thread of every call."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def predict(self, data: Any) -> Any:
+        self.threads.append(threading.get_ident())
+        return np.asarray(data).sum(axis=1)
+
+
+def test_a_cheap_model_is_called_on_the_event_loop_after_its_first_call() -> None:
+    model = ThreadRecorder()
+    served = Served(
+        LoadedModel(model, flavor="pyfunc", signature=None, uri="x", meta={}),
+        name="recorder",
+        version=1,
+        batchable=True,
+    )
+
+    async def three_requests(inline_below_s: float) -> tuple[int, list[Any]]:
+        batcher = Batcher(lambda: served, max_rows=4, inline_below_s=inline_below_s)
+        batcher.start()
+        out = []
+        for i in range(3):
+            out.append((await batcher.predict(served, np.array([[1.0, float(i)]]), 1))[1].tolist())
+        await batcher.stop()
+        return threading.get_ident(), out
+
+    # Every call counts as cheap: the first (cost unknown) on a thread, the rest inline.
+    loop_thread, out = asyncio.run(three_requests(inline_below_s=3600.0))
+    assert out == [[1.0], [2.0], [3.0]]
+    assert model.threads[0] != loop_thread
+    assert model.threads[1:] == [loop_thread, loop_thread]
+    # None counts as cheap: every call on a worker thread.
+    model.threads.clear()
+    loop_thread, out = asyncio.run(three_requests(inline_below_s=0.0))
+    assert out == [[1.0], [2.0], [3.0]] and len(model.threads) == 3
+    assert loop_thread not in model.threads
+
+
 def test_a_model_that_cannot_batch_is_called_per_request(world: World) -> None:
     model = Gate()
     out = run_batcher(model, batchable=False, requests=4)

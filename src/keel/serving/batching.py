@@ -7,6 +7,12 @@ runs, the next batch gathers: the busier the server, the bigger the batches, wit
 wait at all when `wait_ms` is 0. A model that cannot batch (`Served.batchable`) is
 called once per request, also on a thread, so the event loop keeps accepting.
 
+A model whose calls have recently taken less than `INLINE_BELOW_S` (a linear model
+on a few rows: tens of microseconds) is called on the event loop instead: handing
+such a call to a thread and back costs more than the call, and blocks the loop for
+less than that hand-off would. The first call of a version always goes to a thread,
+and each call's time updates the estimate, so a model that turns slow moves back.
+
 A batch whose predict raises, or whose output does not have one row per input row, is
 run again request by request, so an error belongs to the request that caused it.
 """
@@ -15,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from keel.serving.model_slot import Served
+
+INLINE_BELOW_S = 0.0005  # recent seconds per predict call under which it runs on the loop
 
 
 @dataclass
@@ -37,13 +46,33 @@ class Batcher:
         max_rows: int = 32,
         wait_ms: float = 0.0,
         on_batch: Callable[[Served, int], None] | None = None,
+        inline_below_s: float = INLINE_BELOW_S,
     ) -> None:
         self.current = current
         self.max_rows = max(1, max_rows)
         self.wait = max(0.0, wait_ms) / 1000.0
         self.on_batch = on_batch
+        self.inline_below = inline_below_s
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._cost: tuple[Served, float] | None = None  # a version's recent s per call
+
+    async def _call(self, served: Served, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the loop if this version's calls are cheap, else on a thread."""
+        known = self._cost[1] if self._cost is not None and self._cost[0] is served else None
+
+        def timed() -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                took = time.perf_counter() - start
+                # an average over the last few calls, so one outlier does not flip the path
+                self._cost = (served, took if known is None else 0.7 * known + 0.3 * took)
+
+        if known is not None and known < self.inline_below:
+            return timed()
+        return await asyncio.to_thread(timed)
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -59,7 +88,7 @@ class Batcher:
         """The predictions for one request's data, and the version that made them."""
         if not served.batchable or self._queue is None or rows >= self.max_rows:
             self._count(served, rows)
-            return served, await asyncio.to_thread(served.predict, data)
+            return served, await self._call(served, served.predict, data)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(data, rows, future))
         result: tuple[Served, Any] = await future
@@ -113,13 +142,13 @@ class Batcher:
         served = self.current()
         self._count(served, sum(item.rows for item in live))
         try:
-            outputs = await asyncio.to_thread(_predict_batch, served, [i.data for i in live])
+            outputs = await self._call(served, _predict_batch, served, [i.data for i in live])
         except Exception:
             outputs = None
         if outputs is None:  # one at a time: each error goes to its own request
             for item in live:
                 try:
-                    value = await asyncio.to_thread(served.predict, item.data)
+                    value = await self._call(served, served.predict, item.data)
                 except Exception as exc:
                     _settle(item, exc=exc)
                 else:

@@ -1,15 +1,20 @@
-"""The model a server is serving, and hot reload when its alias moves.
+"""The one implementation of "follow an alias, load in the background, swap
+atomically, report load errors", used by the model server and by the workflow
+endpoints' `keel.load_model` cache (model_cache.py).
 
 `ModelSlot` holds one `Served` (a loaded version) at a time. A request takes the
 current one and keeps using it to the end, so a switch never changes a model under a
 request in flight: switching is one reference assignment, made only after the new
 version loaded completely in the background.
 
-For `models:/NAME@ALIAS` (and `models:/NAME/latest`) a thread polls the alias every
-`poll_seconds` with one small query. When it names another version, that version is
-loaded in the poller's thread; a version that fails to load is logged and reported
-(`/health`, the deployment's record) and not tried again until the alias moves
-again, while the loaded one keeps serving. An unreachable store is the same: keep
+For `models:/NAME@ALIAS` (and `models:/NAME/latest`) the alias is looked at with one
+small query: by a thread every `poll_seconds` (the model server), or, with
+`poll_seconds=0`, when a caller asks `check_soon(interval)` and the last look is older
+than the interval (the cache: one look in a background thread, so no request waits).
+When it names another version, that version is loaded in that thread; a version
+that fails to load is logged and reported (`/health`, the deployment's record,
+the cache's `status()`) and not tried again until the alias moves again, while the
+loaded one keeps serving. An unreachable store is the same: keep
 serving, try again on the next poll. Pinned URIs (`models:/NAME/3`, `runs:/...`)
 never move.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,11 +67,15 @@ class ModelSlot:
         *,
         poll_seconds: float = 1.0,
         on_change: Callable[[ModelSlot], None] | None = None,
+        loader: Callable[[str], LoadedModel] | None = None,
     ) -> None:
         self.store = store
         self.uri = uri.strip()
         self.poll_seconds = poll_seconds
         self.on_change = on_change
+        # Loads a pinned URI; None reads it from `store` (the cache passes the
+        # uncached `load_model`, whose store is the registry's).
+        self.loader = loader
         self.name: str | None = None
         self.ref: str | None = None  # "@alias", "latest" or a number
         if self.uri.startswith("models:/"):
@@ -77,6 +87,9 @@ class ModelSlot:
         self.reloads = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._checked_at = 0.0  # monotonic time of the last look at the alias
+        self._checking = False  # a check_soon() look is under way
+        self._check_lock = threading.Lock()
 
     @property
     def follows(self) -> bool:
@@ -96,16 +109,19 @@ class ModelSlot:
         from keel.store import registry_store
         from keel.tracking import registry
 
-        if self.name is None:
-            source = source_from_runs_uri(self.store, self.uri)
-            tags: dict[str, str] = {}
+        uri = self.uri if version is None else f"models:/{self.name}/{version}"
+        if self.loader is not None:
+            model = self.loader(uri)
+        elif self.name is None:
+            model = load_source(self.store, source_from_runs_uri(self.store, self.uri), uri)
         else:
             assert version is not None
             source = registry.version_source(self.store, self.name, version)
+            model = load_source(self.store, source, uri)
+        tags: dict[str, str] = {}
+        if self.name is not None and version is not None:
             row = registry_store.get_version(self.store, self.name, version)
             tags = registry.model_version_of(self.store, row).tags if row is not None else {}
-        uri = self.uri if version is None else f"models:/{self.name}/{version}"
-        model = load_source(self.store, source, uri)
         batchable = not _falsy(tags.get(BATCHABLE_TAG, "true")) and bool(
             getattr(model.unwrap(), BATCHABLE_ATTR, True)
         )
@@ -115,6 +131,7 @@ class ModelSlot:
         """Load what the URI names now (errors propagate: the server must not start),
         then follow the alias in the background."""
         served = self.load(self.resolve())
+        self._checked_at = time.monotonic()
         self._switch(served)
         if self.follows and self.poll_seconds > 0:
             self._thread = threading.Thread(target=self._follow, name="keel-serve-reload")
@@ -167,7 +184,10 @@ class ModelSlot:
         try:
             served = self.load(version)
         except Exception as exc:
-            self._failed(version, f"version {version} failed to load: {type(exc).__name__}: {exc}")
+            target = f"models:/{self.name}/{version}"
+            self._failed(
+                version, f"cannot load {target} (for {self.uri}): {type(exc).__name__}: {exc}"
+            )
             return
         self._switch(served)
 
@@ -179,6 +199,26 @@ class ModelSlot:
         if first:
             log.error("keel serve: %s; still serving version %s", message, self.version)
             self.report()
+
+    def check_soon(self, interval: float) -> None:
+        """Look at the alias in a background thread if the last look is older than
+        `interval` seconds and none is under way; returns at once either way."""
+        if not self.follows or time.monotonic() - self._checked_at < interval:
+            return
+        with self._check_lock:
+            if self._checking or time.monotonic() - self._checked_at < interval:
+                return
+            self._checking = True
+        threading.Thread(
+            target=self._check, name=f"keel-model-reload-{self.name}", daemon=True
+        ).start()
+
+    def _check(self) -> None:
+        try:
+            self.poll_once()
+        finally:
+            self._checked_at = time.monotonic()
+            self._checking = False
 
     def _follow(self) -> None:
         while not self._stop.wait(self.poll_seconds):
