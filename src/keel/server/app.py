@@ -17,6 +17,7 @@ from keel.server.routes import (
     events,
     experiments,
     health,
+    inferences,
     logs,
     metrics,
     models,
@@ -45,7 +46,7 @@ def create_app(store: MetadataStore | None = None) -> FastAPI:
     app.state.store = store or open_store()
     errors.install(app)
     api = (health, runs, steps, logs, artifacts, experiments, metrics, models, workflows)
-    for module in (*api, events, triggers, tokens, audit_log_routes, deployments):
+    for module in (*api, inferences, events, triggers, tokens, audit_log_routes, deployments):
         app.include_router(module.router, prefix="/api/v1")
     mlflow_api.install(app)
 

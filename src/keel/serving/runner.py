@@ -104,6 +104,9 @@ def serve(
     request_timeout: float = 30.0,
     graceful_timeout: float = 10.0,
     poll_seconds: float = 1.0,
+    log_requests: bool = False,
+    log_sample_rate: float = 1.0,
+    log_queue_size: int = 10_000,
     ephemeral: bool = False,
     background: bool = False,
     announce: Callable[[str], None] | None = None,
@@ -111,7 +114,12 @@ def serve(
     """Serve `target` over HTTP: a model URI (`models:/digits@champion`) or a workflow
     (`flows.py:search`). Blocks until SIGTERM/SIGINT; with `background=True` returns a
     `ServerHandle` (`.url`, `.stop()`) at once, serving from a thread (port 0 picks a
-    free port)."""
+    free port).
+
+    `log_requests` writes the inputs, predictions, version, latency and status of
+    a `log_sample_rate` share of a model's requests to the store's inference log
+    (read with `keel.inference_log`), from a background thread; at most
+    `log_queue_size` requests wait for it, more are dropped and counted."""
     from keel.serving.options import DEFAULT_MAX_BODY
 
     if not isinstance(target, str) or not target.strip():
@@ -129,7 +137,15 @@ def serve(
         request_timeout=request_timeout,
         poll_seconds=poll_seconds,
         graceful_timeout=graceful_timeout,
+        log_requests=log_requests,
+        log_sample_rate=log_sample_rate,
+        log_queue_size=log_queue_size,
     )
+    if log_requests and not is_model_target(target):
+        raise ServingError(
+            "the inference log records a model's requests; a workflow has none to log",
+            hint="Drop --log-requests, or serve a model URI",
+        )
     if background and workers != 1:
         raise ServingError("a background server runs one process", hint="Use workers=1")
     target = target.strip()
@@ -257,8 +273,12 @@ def _run(
         )
     else:
         assert app_for is not None
+        app = app_for(options)
+        traffic = getattr(getattr(app, "state", None), "traffic", None)
+        if traffic is not None:  # one process: its heartbeat carries the app's traffic
+            record.traffic = traffic.snapshot
         config = uvicorn.Config(
-            app_for(options),
+            app,
             log_level=level,
             timeout_graceful_shutdown=math.ceil(options.graceful_timeout),
             access_log=False,
