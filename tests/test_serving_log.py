@@ -165,6 +165,7 @@ def test_rest_pages_the_log_newest_first(world: World) -> None:
     from starlette.testclient import TestClient
 
     from keel.server.app import create_app
+    from keel.server.routes.common import encode_cursor
 
     total = logged() + 3
     for i in range(3):
@@ -186,10 +187,13 @@ def test_rest_pages_the_log_newest_first(world: World) -> None:
         newest = api.get("/api/v1/models/digits/versions/1/inferences?limit=1").json()
         unknown = api.get("/api/v1/models/nope/versions/1/inferences")
         bad_cursor = api.get("/api/v1/models/digits/versions/1/inferences?cursor=zz")
+        huge = encode_cursor(2**70)  # well-formed, but past any id the database holds
+        huge_cursor = api.get(f"/api/v1/models/digits/versions/1/inferences?cursor={huge}")
     assert len(seen) == total and seen == sorted(seen, reverse=True)
     (entry,) = newest["inferences"]
     assert entry["inputs"]["columns"] == COLUMNS and entry["status"] == 200
     assert unknown.status_code == 404 and bad_cursor.status_code == 400
+    assert huge_cursor.status_code == 400
 
 
 def test_sample_rate_0_logs_none_and_a_half_logs_about_half(world: World) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from keel.server.errors import ApiError
 from keel.server.routes.common import AUTH, ERRORS, Store, Viewer, decode_cursor, encode_cursor
 from keel.server.routes.models import Name, VersionRef, _number
 
@@ -38,7 +39,9 @@ def list_inferences(
     version: VersionRef,
     _: Viewer,
     store: Store,
-    since: Annotated[float | None, Query(ge=0, description="Epoch seconds")] = None,
+    since: Annotated[
+        float | None, Query(ge=0, le=1e12, allow_inf_nan=False, description="Epoch seconds")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: str | None = None,
 ) -> InferencePage:
@@ -47,6 +50,8 @@ def list_inferences(
 
     number = _number(store, name, version)
     before = decode_cursor(cursor, (int,))[0] if cursor is not None else None
+    if before is not None and not 0 <= before < 2**63:  # an id the database can compare
+        raise ApiError(400, "bad_cursor", "the cursor is not one this server returned")
     rows = inference_log.select(
         store, name, number, since=since, limit=limit + 1, newest_first=True, before_id=before
     )
