@@ -330,6 +330,14 @@ def test_the_deployment_row_carries_rate_latency_and_errors(world: World) -> Non
     assert re.search(r"\d+\.\d+ms", line) and re.search(r"\d+/\d+", line)
 
 
-def test_log_options_need_a_model_target() -> None:
+def test_log_options_need_a_model_target_and_a_rate_in_0_to_1(world: World) -> None:
     with pytest.raises(ServingError, match="inference log"):
         keel.serve("flows.py:search", port=0, background=True, log_requests=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "keel", "serve", "models:/digits/1", "--log-sample-rate", "2"],
+        env=server_env(world.env),
+        capture_output=True,
+        text=True,
+        timeout=BOUND,
+    )
+    assert cli.returncode == 2 and "--log-sample-rate" in cli.stderr
