@@ -305,17 +305,23 @@ def test_the_deployment_row_carries_rate_latency_and_errors(world: World) -> Non
     from keel.server.app import create_app
 
     port = int(world.url.rsplit(":", 1)[1])
-    assert post(world.url, split(world.frame.head(2))).status_code == 200
-    assert post(world.url, split(world.frame.head(1).drop(columns=["p1"]))).status_code == 422
 
-    def mine() -> dict[str, Any] | None:
+    def mine() -> dict[str, Any]:
         with TestClient(create_app()) as api:
             found = api.get("/api/v1/deployments", params={"model": "digits"}).json()
         (row,) = [d for d in found if d["port"] == port]
-        return row if row["requests"] and row["p50_ms"] is not None else None
+        return dict(row)
 
-    row = wait_until(mine, "a heartbeat with the traffic", BOUND)
-    assert row["errors"] >= 1 and row["requests"] >= 2
+    before = mine()
+    assert post(world.url, split(world.frame.head(2))).status_code == 200
+    assert post(world.url, split(world.frame.head(1).drop(columns=["p1"]))).status_code == 422
+    counted = (before["requests"] or 0) + 2
+    row = wait_until(
+        lambda: (r := mine())["requests"] is not None and r["requests"] >= counted and r,
+        "a heartbeat with this test's requests",
+        BOUND,
+    )
+    assert row["errors"] >= (before["errors"] or 0) + 1
     assert row["rate"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"]
     ls = subprocess.run(
         [sys.executable, "-m", "keel", "deployments", "ls"],
@@ -341,3 +347,17 @@ def test_log_options_need_a_model_target_and_a_rate_in_0_to_1(world: World) -> N
         timeout=BOUND,
     )
     assert cli.returncode == 2 and "--log-sample-rate" in cli.stderr
+
+
+def test_the_rate_counts_the_last_minute_not_the_last_heartbeat() -> None:
+    from keel.serving.traffic import Traffic
+
+    traffic = Traffic()
+    for error in (False, False, True):
+        traffic.observe(0.004, error)
+    first, second = traffic.snapshot(), traffic.snapshot()
+    # A heartbeat after a quiet spell still reports the minute's requests (a rate that
+    # compared totals with the previous heartbeat said 0 here).
+    assert first["rate"] > 0 and second["rate"] > 0
+    assert (second["requests"], second["errors"]) == (3, 1)
+    assert second["p50_ms"] == second["p95_ms"] == 4.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import random
 import threading
@@ -162,13 +163,34 @@ def _encode_inputs(data: Any) -> str | None:
     back into columns); anything else as its JSON value."""
     if data is None:
         return None
-    if hasattr(data, "to_json") and hasattr(data, "columns"):
-        text: str = data.to_json(orient="split", index=False, date_format="iso")
-        return text
+    if hasattr(data, "to_numpy") and hasattr(data, "columns"):
+        # Row lists through json.dumps: DataFrame.to_json takes milliseconds for a
+        # small wide frame, this a tenth of that. Missing values become null.
+        import pandas as pd
+
+        rows = data.to_numpy(dtype=object).tolist()
+        if data.isna().to_numpy().any():
+            missing = (None, pd.NA, pd.NaT)
+            rows = [[None if _missing(v, missing) else v for v in row] for row in rows]
+        columns = [str(c) for c in data.columns]
+        return json.dumps({"columns": columns, "data": rows}, default=_plain)
     return _encode(data)
+
+
+def _missing(value: Any, missing: tuple[Any, ...]) -> bool:
+    return any(value is m for m in missing) or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as numbers, timestamps as ISO text, anything else as its text."""
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
 
 
 def _encode(value: Any) -> str | None:
     if value is None:
         return None
-    return json.dumps(protocol.jsonable(value), default=str)
+    return json.dumps(protocol.jsonable(value), default=_plain)
