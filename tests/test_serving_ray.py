@@ -415,3 +415,5 @@ def test_bad_scale_options_are_clear_errors() -> None:
     # Ray Serve's proxy runs no keel guard: beyond loopback only when told it is safe.
     with pytest.raises(ServingError, match="does not check keel's API tokens"):
         keel.serve("models:/digits@champion", on="ray", host="0.0.0.0")
+    with pytest.raises(ServingError, match="not available with --on ray"):
+        keel.serve("models:/digits@champion", on="ray", log_requests=True)

@@ -107,7 +107,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             "register": keel.run(ui_flows.ui_register).id,
         }
     port = _free_port()
-    env = {**os.environ, "KEEL_HOME": str(home), "PYTHONPATH": str(ROOT / "tests")}
+    # The server runs this checkout's keel (src/), not whichever one is installed.
+    paths = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    env = {**os.environ, "KEEL_HOME": str(home), "PYTHONPATH": paths}
     env.pop("KEEL_DB_URL", None)
     log = (home / "server.log").open("w")
     proc = subprocess.Popen(
@@ -593,6 +595,46 @@ def test_model_page_shows_the_servers_serving_it(page: Page) -> None:
         page.wait(lambda: f"{server.url}/" in row.text, "the server's URL")
         assert row.get_attribute("data-deployment") == server.deployment_id
         assert "v1" in row.text and "serving" in row.text
+
+
+def test_model_page_shows_traffic_and_the_requests_a_version_answered(page: Page) -> None:
+    import httpx
+
+    from keel.store import deployments
+    from keel.store.metadata import open_store
+
+    body = {"dataframe_split": {"columns": ["x"], "data": [[2.0], [3.0]]}}
+    with keel.serve(
+        "models:/ui_model@champion", port=0, background=True, log_requests=True
+    ) as server:
+        for _ in range(5):
+            assert httpx.post(f"{server.url}/invocations", json=body, timeout=WAIT).is_success
+        bad = httpx.post(f"{server.url}/invocations", json={"dataframe_split": {}}, timeout=WAIT)
+        assert bad.status_code >= 400
+
+        def counted() -> bool:  # the heartbeat carries the traffic (every 2 s)
+            row = deployments.get(open_store(), server.deployment_id)
+            return row is not None and row.requests == 6 and row.p95_ms is not None
+
+        page.wait(counted, "a heartbeat with the server's traffic")
+        page.open("/models/ui_model#v1")
+        row = page.find(f"#model-deployments tr[data-deployment='{server.deployment_id}']")
+        rate = row.find_element(By.CSS_SELECTOR, "[data-stat='rate']").text
+        latency = row.find_element(By.CSS_SELECTOR, "[data-stat='latency']").text
+        errors = row.find_element(By.CSS_SELECTOR, "[data-stat='errors']").text
+        assert float(rate) > 0
+        p50, p95 = (float(x.strip().removesuffix(" ms")) for x in latency.split("/"))
+        assert 0 < p50 <= p95
+        assert errors == "1 of 6"
+        page.wait(lambda: len(page.all("#model-inferences tr[data-inference]")) >= 6, "requests")
+        logged = page.all("#model-inferences tr[data-inference]")
+        statuses = [r.get_attribute("data-status") for r in logged[:6]]
+        assert sorted(statuses) == ["200"] * 5 + [str(bad.status_code)]
+        ok = next(r for r in logged if r.get_attribute("data-status") == "200")
+        cells = [td.text for td in ok.find_elements(By.TAG_NAME, "td")]
+        assert cells[1] == "200" and cells[2].endswith(" ms") and cells[3] == "[[2],[3]]"
+        assert len(json.loads(cells[4])) == 2  # a prediction per input row
+        page.shot("model-traffic")
 
 
 # -- launch ------------------------------------------------------------------------------

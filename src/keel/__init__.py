@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from keel.scheduler.triggers import fire_trigger
     from keel.sdk.schedule import Schedule
     from keel.serving.batch import batch_predict
+    from keel.serving.log_reader import inference_log
     from keel.serving.runner import serve
 
     schedules = schedules_module
@@ -131,6 +132,7 @@ __all__ = [
     # serving
     "batch_predict",
     "serve",
+    "inference_log",
     # reading past runs
     "Client",
     "Run",
@@ -198,6 +200,7 @@ _LAZY = {
     "models": "keel.tracking.registry",
     "batch_predict": "keel.serving.batch",
     "serve": "keel.serving.runner",
+    "inference_log": "keel.serving.log_reader",
 }
 
 

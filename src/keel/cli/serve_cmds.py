@@ -10,7 +10,7 @@ cannot be loaded here (e.g. its flavor's library is missing), or another failure
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -97,6 +97,19 @@ def serve(
             "(unsafe beyond loopback)",
         ),
     ] = False,
+    log_requests: Annotated[
+        bool,
+        typer.Option(
+            "--log-requests",
+            help="Write sampled requests (inputs, predictions, latency) to the inference log",
+        ),
+    ] = False,
+    log_sample_rate: Annotated[
+        float,
+        typer.Option(
+            "--log-sample-rate", min=0.0, max=1.0, help="The share of requests logged (0 to 1)"
+        ),
+    ] = 1.0,
 ) -> None:
     """Serve a registered model (MLflow's scoring protocol) or a workflow over HTTP."""
     from keel.errors import ConfigError, ModelRegistryError, ServingError
@@ -122,6 +135,8 @@ def serve(
             request_timeout=request_timeout,
             graceful_timeout=graceful_timeout,
             ephemeral=ephemeral,
+            log_requests=log_requests,
+            log_sample_rate=log_sample_rate,
             announce=announce,
             on=on,
             replicas=replicas,
@@ -171,7 +186,8 @@ def deployments_ls(
         return
     now = time.time()
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("ID", "TARGET", "VERSION", "URL", "WORKERS", "PID", "UP", "HEARTBEAT", "STATE"):
+    columns = ("ID", "TARGET", "VERSION", "URL", "WORKERS", "PID", "UP", "HEARTBEAT", "STATE")
+    for column in (*columns, "REQ/S", "P50", "P95", "ERRORS"):
         table.add_column(column, no_wrap=column != "TARGET")
     for row in rows:
         end = row.stopped_at if row.stopped_at is not None else now
@@ -186,5 +202,15 @@ def deployments_ls(
             duration(max(0.0, end - row.started_at)),
             f"{duration(max(0.0, now - row.heartbeat_at))} ago",
             state,
+            *traffic(row),
         )
     out.print(table)
+
+
+def traffic(row: Any) -> tuple[str, str, str, str]:
+    """Rate and latency over the last minute, errors of all requests ("-" unknown)."""
+    rate = "-" if row.rate is None else f"{row.rate:.2f}"
+    p50 = "-" if row.p50_ms is None else f"{row.p50_ms:.1f}ms"
+    p95 = "-" if row.p95_ms is None else f"{row.p95_ms:.1f}ms"
+    errors = "-" if row.requests is None else f"{row.errors or 0}/{row.requests}"
+    return rate, p50, p95, errors

@@ -16,6 +16,7 @@ from keel.server.routes import (
     events,
     experiments,
     health,
+    inferences,
     logs,
     metrics,
     models,
@@ -47,7 +48,7 @@ def create_app(store: MetadataStore | None = None, gate: GateConfig | None = Non
     app.state.auth_mode = mode = auth.AuthMode(store, gate.loopback or gate.insecure_no_auth)
     errors.install(app)
     api = (health, runs, steps, logs, artifacts, experiments, metrics, models, workflows)
-    for module in (*api, events, triggers, tokens, audit_log_routes, deployments):
+    for module in (*api, inferences, events, triggers, tokens, audit_log_routes, deployments):
         app.include_router(module.router, prefix="/api/v1")
     mlflow_api.install(app)
 

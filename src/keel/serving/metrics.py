@@ -50,6 +50,18 @@ class ServingMetrics:
             registry=self.registry,
         )
 
+        self.log_written = Counter(
+            "keel_serve_log_written",
+            "Requests written to the inference log (--log-requests)",
+            registry=self.registry,
+        )
+        self.log_dropped = Counter(
+            "keel_serve_log_dropped",
+            "Sampled requests the inference log dropped: its queue was full or the "
+            "store refused the write",
+            registry=self.registry,
+        )
+
     def observe(
         self, model: str, version: str, status: int, seconds: float, code: str | None
     ) -> None:

@@ -2,7 +2,9 @@
 
 Routes: `POST /invocations` (MLflow's scoring protocol, see `protocol.py`), `GET /ping`
 (200 once a version is loaded, 503 before), `GET /version`, `GET /health` (JSON:
-model, version, state, last reload error) and `GET /metrics` (Prometheus text).
+model, version, state, last reload error, the inference log's counts) and
+`GET /metrics` (Prometheus text). Each request is counted in `Traffic` (what the
+heartbeat writes) and, with `--log-requests`, offered to the inference log.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from keel.serving.metrics import CONTENT_TYPE, ServingMetrics
 from keel.serving.model_slot import ModelSlot, Served
 from keel.serving.options import ServeOptions
 from keel.serving.protocol import ProtocolError
+from keel.serving.request_log import RequestLog
+from keel.serving.traffic import Traffic
 from keel.store.metadata import MetadataStore
 
 VERSION_HEADER = "X-Keel-Model-Version"
@@ -54,6 +58,17 @@ def create_model_app(
         if slot.current is not None:  # loaded before the record existed: report it now
             slot.report()
     metrics = ServingMetrics()
+    traffic = Traffic()
+    request_log = None
+    if opts.log_requests:
+        request_log = RequestLog(
+            slot.store,
+            deployment_id=opts.deployment_id,
+            sample_rate=opts.log_sample_rate,
+            queue_size=opts.log_queue_size,
+            on_drop=metrics.log_dropped.inc,
+            on_write=metrics.log_written.inc,
+        )
 
     def on_batch(served: Served, rows: int) -> None:
         metrics.batch(served.name or slot.uri, str(served.version), rows)
@@ -69,6 +84,8 @@ def create_model_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         batcher.start()
+        if request_log is not None:
+            request_log.start()
         loading = None
         if slot.current is None and load_first:
             await asyncio.to_thread(slot.start)
@@ -78,6 +95,8 @@ def create_model_app(
             yield
         finally:
             await batcher.stop()
+            if request_log is not None:
+                await asyncio.to_thread(request_log.stop, opts.graceful_timeout)
             slot.stop()
             if loading is not None:
                 await asyncio.wait([loading], timeout=1)
@@ -90,9 +109,10 @@ def create_model_app(
             metrics.in_flight.dec()
 
     async def _invoke(request: Request) -> Response:
-        started = time.perf_counter()
+        started, arrived = time.perf_counter(), time.time()
         served = slot.current
         label = (served.name or slot.uri, str(served.version)) if served else (slot.uri, "")
+        data = out = None
         try:
             if served is None:
                 raise ProtocolError(503, "NOT_READY", "the model is not loaded yet")
@@ -103,6 +123,7 @@ def create_model_app(
                 batcher.predict(served, data, protocol.rows(data)), opts.request_timeout
             )
             label = (used.name or slot.uri, str(used.version))
+            served = used
             reply = Response(
                 protocol.reply(out),
                 media_type="application/json",
@@ -126,7 +147,13 @@ def create_model_app(
                 {"type": type(exc).__name__, "message": str(exc)},
             )
             reply, code = JSONResponse(err.body(), 500), err.code
-        metrics.observe(*label, reply.status_code, time.perf_counter() - started, code)
+        seconds = time.perf_counter() - started
+        metrics.observe(*label, reply.status_code, seconds, code)
+        traffic.observe(seconds, reply.status_code >= 400)
+        if request_log is not None and served is not None:
+            request_log.offer(
+                label[0], served.version, arrived, seconds, reply.status_code, data, out
+            )
         return reply
 
     async def ping(request: Request) -> Response:
@@ -140,6 +167,7 @@ def create_model_app(
 
     async def health(request: Request) -> Response:
         body = health_of(slot)
+        body["inference_log"] = request_log.state() if request_log is not None else None
         return JSONResponse(body, 200 if slot.current is not None else 503)
 
     async def metrics_route(request: Request) -> Response:
@@ -157,6 +185,8 @@ def create_model_app(
     )
     app.state.slot = slot
     app.state.metrics = metrics
+    app.state.traffic = traffic
+    app.state.request_log = request_log
     gate.guard(app, slot.store, opts, gate.model_policy())
     return app
 

@@ -25,6 +25,9 @@ class ServeOptions:
     deployment_id: str | None = None  # the store row this server reports to
     allowed_hosts: tuple[str, ...] = ()  # more Host names callers may use (serving/gate.py)
     insecure_no_auth: bool = False  # beyond loopback, anonymous callers while no token exists
+    log_requests: bool = False  # the inference log (serving/request_log.py)
+    log_sample_rate: float = 1.0  # the share of requests logged, 0 to 1
+    log_queue_size: int = 10_000  # requests waiting for the log's writer; more are dropped
 
     def __post_init__(self) -> None:
         # Through KEEL_SERVE_SPEC (JSON) to worker processes the tuple comes back a list.
@@ -37,6 +40,7 @@ class ServeOptions:
             "max_batch_size": self.max_batch_size,
             "max_body_bytes": self.max_body_bytes,
             "request_timeout": self.request_timeout,
+            "log_queue_size": self.log_queue_size,
         }
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -51,6 +55,12 @@ class ServeOptions:
         }.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ServingError(f"{name} must be 0 or more, got {value!r}")
+        rate = self.log_sample_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise ServingError(
+                f"log_sample_rate must be between 0 and 1, got {rate!r}",
+                hint="e.g. --log-sample-rate 0.1 logs one request in ten",
+            )
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ServingError(f"port must be a number, got {self.port!r}")
         if not 0 <= self.port <= 65535:

@@ -1,11 +1,13 @@
 """The deployment's row of a running server: written at start, a heartbeat every
-few seconds from a thread, marked stopped at the end. The store failing never stops
-serving: a failed write is logged, and the next heartbeat tries again."""
+few seconds from a thread (with the server's traffic), marked stopped at the end. The
+store failing never stops serving: a failed write is logged, and the next heartbeat
+tries again."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from keel.store.metadata import MetadataStore
@@ -22,6 +24,9 @@ class Record:
         self.store = store
         self.id = str(values["id"])
         self._done = threading.Event()
+        # The server's traffic (serving/traffic.py), written with each heartbeat; set
+        # once the app exists (the row is written before it is built).
+        self.traffic: Callable[[], dict[str, Any]] | None = None
         deployments.insert(store, values)
         self._thread = threading.Thread(target=self._beat, name="keel-serve-heartbeat")
         self._thread.daemon = True
@@ -32,7 +37,8 @@ class Record:
 
         while not self._done.wait(deployments.HEARTBEAT_SECONDS):
             try:
-                deployments.heartbeat(self.store, self.id)
+                traffic = self.traffic() if self.traffic is not None else {}
+                deployments.heartbeat(self.store, self.id, **traffic)
             except Exception as exc:
                 log.warning("keel serve: heartbeat not recorded: %s", exc)
 

@@ -104,6 +104,9 @@ def serve(
     request_timeout: float = 30.0,
     graceful_timeout: float = 10.0,
     poll_seconds: float = 1.0,
+    log_requests: bool = False,
+    log_sample_rate: float = 1.0,
+    log_queue_size: int = 10_000,
     ephemeral: bool = False,
     background: bool = False,
     announce: Callable[[str], None] | None = None,
@@ -126,7 +129,12 @@ def serve(
     `keel.serving.on_ray`): `replicas`, or Ray Serve's autoscaling_config as
     `autoscaling` (a dict or JSON) or `min_replicas`/`max_replicas`. Ray Serve's proxy
     does not run keel's guard, so it listens beyond loopback only with
-    `insecure_no_auth`."""
+    `insecure_no_auth`.
+
+    `log_requests` writes the inputs, predictions, version, latency and status of
+    a `log_sample_rate` share of a model's requests to the store's inference log
+    (read with `keel.inference_log`), from a background thread; at most
+    `log_queue_size` requests wait for it, more are dropped and counted."""
     from keel.serving.gate import check_exposure
     from keel.serving.options import DEFAULT_MAX_BODY
     from keel.store.metadata import open_store
@@ -148,7 +156,15 @@ def serve(
         graceful_timeout=graceful_timeout,
         allowed_hosts=tuple(allowed_hosts),
         insecure_no_auth=insecure_no_auth,
+        log_requests=log_requests,
+        log_sample_rate=log_sample_rate,
+        log_queue_size=log_queue_size,
     )
+    if log_requests and not is_model_target(target):
+        raise ServingError(
+            "the inference log records a model's requests; a workflow has none to log",
+            hint="Drop --log-requests, or serve a model URI",
+        )
     target = target.strip()
     if on not in ("local", "ray"):
         raise ServingError(f"on must be 'local' or 'ray', got {on!r}", hint="e.g. --on ray")
@@ -168,6 +184,11 @@ def serve(
                 "not check keel's API tokens, Host or Origin",
                 hint="Listen on 127.0.0.1 behind your gateway, or pass --insecure-no-auth "
                 "if the network is yours alone",
+            )
+        if log_requests:
+            raise ServingError(
+                "--log-requests is not available with --on ray",
+                hint="Serve the model locally (--workers N) to log its requests",
             )
         scale = RayServeOptions.of(replicas, autoscaling, min_replicas, max_replicas)
         return serve_on_ray(target, options, scale, background=background, announce=announce)
@@ -303,8 +324,12 @@ def _run(
         )
     else:
         assert app_for is not None
+        app = app_for(options)
+        traffic = getattr(getattr(app, "state", None), "traffic", None)
+        if traffic is not None:  # one process: its heartbeat carries the app's traffic
+            record.traffic = traffic.snapshot
         config = uvicorn.Config(
-            app_for(options),
+            app,
             log_level=level,
             timeout_graceful_shutdown=math.ceil(options.graceful_timeout),
             access_log=False,

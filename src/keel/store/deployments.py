@@ -1,7 +1,8 @@
 """SQL of deployments: the servers `keel serve` runs, and their heartbeats.
 
 A server inserts its row at start, bumps `heartbeat_at` every `HEARTBEAT_SECONDS`,
-updates the version it serves after each (re)load, and marks the row stopped when it
+updates the version it serves after each (re)load (and, with each heartbeat, its
+request totals, rate and latency percentiles), and marks the row stopped when it
 exits. A server killed without that last write stops heartbeating: readers show it
 as `stale` once its heartbeat is older than `STALE_AFTER` seconds.
 """
@@ -37,6 +38,11 @@ class Deployment:
     started_at: float
     heartbeat_at: float
     stopped_at: float | None
+    requests: int | None = None  # totals since start, then rate and latency over a minute
+    errors: int | None = None
+    rate: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -60,8 +66,10 @@ def update(store: MetadataStore, deployment_id: str, **values: Any) -> None:
         )
 
 
-def heartbeat(store: MetadataStore, deployment_id: str) -> None:
-    update(store, deployment_id)
+def heartbeat(store: MetadataStore, deployment_id: str, **traffic: Any) -> None:
+    """A heartbeat, with the server's traffic (`requests`, `errors`, `rate`, `p50_ms`,
+    `p95_ms`) when it keeps any."""
+    update(store, deployment_id, **traffic)
 
 
 def mark_stopped(store: MetadataStore, deployment_id: str) -> None:

@@ -26,7 +26,7 @@ from sqlalchemy.types import TypeDecorator
 from keel.store.limits import clean_text
 
 # Bump together with a new file in store/migrations/versions.
-SCHEMA_REVISION = "0010"
+SCHEMA_REVISION = "0011"
 
 metadata = MetaData()
 
@@ -539,5 +539,31 @@ deployments = Table(
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
     Column("stopped_at", Float),
+    # The server's traffic, written with each heartbeat: totals since it started, and
+    # the request rate and latency percentiles over the last minute.
+    Column("requests", BigInteger),
+    Column("errors", BigInteger),
+    Column("rate", Float),  # requests per second
+    Column("p50_ms", Float),
+    Column("p95_ms", Float),
     Index("ix_keel_deployments_model", "model", "version"),
+)
+
+# The inference log (`keel serve --log-requests`): one row per sampled request, written
+# in batches by the server's background thread. Inputs and predictions are JSON, each
+# left out (NULL, `truncated` set) when larger than the cap in store/inference_log.py.
+inference_log = Table(
+    "keel_inference_log",
+    metadata,
+    Column("id", STEP, primary_key=True, autoincrement=True),  # 64-bit ids (SQLite: rowid)
+    Column("model", String(250), nullable=False),
+    Column("version", Integer),  # None for a runs:/ URI
+    Column("deployment_id", String(64)),
+    Column("time", Float, nullable=False),  # when the request arrived
+    Column("latency_ms", Float, nullable=False),
+    Column("status", Integer, nullable=False),  # the HTTP status of the reply
+    Column("inputs", Text),  # JSON: {"columns": [...], "data": [[...]]} or a list
+    Column("predictions", Text),  # JSON list, one per input row
+    Column("truncated", Boolean, nullable=False),
+    Index("ix_keel_inference_log_version", "model", "version", "time"),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from keel.server.routes.common import AUTH, ERRORS, Store, Viewer
 
@@ -33,6 +33,11 @@ class DeploymentOut(BaseModel):
     started_at: float
     heartbeat_at: float
     stopped_at: float | None
+    requests: int | None = Field(None, description="Requests answered since the start")
+    errors: int | None = Field(None, description="Of them, answered with an error")
+    rate: float | None = Field(None, description="Requests per second, over the last minute")
+    p50_ms: float | None = Field(None, description="Median latency over the last minute")
+    p95_ms: float | None = Field(None, description="95th percentile latency, last minute")
 
 
 @router.get("/deployments", response_model=list[DeploymentOut], dependencies=AUTH)

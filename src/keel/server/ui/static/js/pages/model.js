@@ -1,9 +1,10 @@
 // One registered model: its versions (with aliases), the lineage of a chosen
-// version back to the run, the step and the data that made it, the servers
-// (`keel serve`) serving it, and its history.
+// version back to the run, the step and the data that made it, the requests it
+// answered (the inference log of `keel serve --log-requests`), the servers
+// (`keel serve`) serving it with their traffic, and its history.
 
 import { errorBox, get, seg } from "../api.js";
-import { clear, facts, fmtBytes, h, section, statusBadge, tagChips, timeEl } from "../dom.js";
+import { clear, facts, fmtBytes, fmtNumber, fmtValue, h, section, statusBadge, tagChips, timeEl } from "../dom.js";
 import { kvTable, metricValue } from "../widgets.js";
 import { aliasChips } from "./models.js";
 
@@ -81,12 +82,13 @@ export async function render(view, { name }, ctx) {
     window.history.replaceState(null, "", `${window.location.pathname}${window.location.search}#v${version}`);
     clear(lineageSlot).append(h("p", { class: "loading" }, "Loading the lineage…"));
     try {
-      const [v, lin] = await Promise.all([
+      const [v, lin, logged] = await Promise.all([
         get(`/models/${seg(model.name)}/versions/${version}`),
         get(`/models/${seg(model.name)}/versions/${version}/lineage`),
+        get(`/models/${seg(model.name)}/versions/${version}/inferences?limit=${SHOWN_REQUESTS}`),
       ]);
       if (!ctx.alive() || chosen !== version) return;
-      clear(lineageSlot).append(lineageView(model.name, v, lin));
+      clear(lineageSlot).append(...[lineageView(model.name, v, lin), inferencesView(logged.inferences)].filter(Boolean));
     } catch (err) {
       clear(lineageSlot).append(errorBox(err, `the lineage of version ${version}`));
     }
@@ -164,7 +166,56 @@ function lineageView(name, v, lin) {
   );
 }
 
-// The running servers of this model: which version each serves, where, since when.
+const SHOWN_REQUESTS = 20;
+
+function fmtMs(ms) {
+  return ms === null || ms === undefined ? "—" : `${fmtNumber(Number(ms.toPrecision(3)))} ms`;
+}
+
+function clip(text, max = 80) {
+  return text.length > max ? `${text.slice(0, max - 1)}…` : text;
+}
+
+// The newest requests the version answered, when a server logs them (--log-requests).
+function inferencesView(found) {
+  if (!found.length) return null;
+  const cell = (value) => {
+    const text = value === null || value === undefined ? "—" : typeof value === "string" ? value : JSON.stringify(value);
+    return h("td", { class: "mono", title: text.length > 80 ? text : null }, clip(text));
+  };
+  const inputs = (e) => (e.inputs && e.inputs.data ? e.inputs.data : e.inputs);
+  return section(
+    "Recent requests",
+    h(
+      "div",
+      { class: "table-wrap" },
+      h(
+        "table",
+        { class: "inferences", id: "model-inferences" },
+        h("caption", { class: "visually-hidden" }, "Requests logged by the version's servers, newest first"),
+        h("thead", {}, h("tr", {}, ["Time", "Status", "Latency", "Inputs", "Predictions"].map((t) => h("th", { scope: "col" }, t)))),
+        h(
+          "tbody",
+          {},
+          found.map((e) =>
+            h(
+              "tr",
+              { "data-inference": String(e.id), "data-status": String(e.status) },
+              h("td", {}, timeEl(e.time)),
+              h("td", {}, String(e.status)),
+              h("td", { class: "num" }, fmtMs(e.latency_ms)),
+              e.truncated && e.inputs === null ? h("td", { class: "muted" }, "over the size limit") : cell(inputs(e)),
+              cell(e.predictions === null ? null : fmtValue(e.predictions)),
+            ),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
+// The running servers of this model: which version each serves, where, since when,
+// and its traffic (rate and latency over the last minute, errors since it started).
 async function showDeployments(name, slot) {
   try {
     const found = await get(`/deployments?model=${encodeURIComponent(name)}`);
@@ -179,7 +230,7 @@ async function showDeployments(name, slot) {
             "table",
             { class: "deployments" },
             h("caption", { class: "visually-hidden" }, "Servers of this model, newest first"),
-            h("thead", {}, h("tr", {}, ["Version", "URL", "Workers", "State", "Started", "Heartbeat"].map((t) => h("th", { scope: "col" }, t)))),
+            h("thead", {}, h("tr", {}, ["Version", "URL", "Workers", "State", "Requests/s", "Latency p50 / p95", "Errors", "Started", "Heartbeat"].map((t) => h("th", { scope: "col" }, t)))),
             h(
               "tbody",
               {},
@@ -191,6 +242,9 @@ async function showDeployments(name, slot) {
                   h("td", { class: "mono" }, d.url),
                   h("td", {}, String(d.workers)),
                   h("td", {}, statusBadge(d.state), d.last_error ? h("div", { class: "muted" }, d.last_error) : null),
+                  h("td", { "data-stat": "rate", class: "num" }, d.rate === null ? "—" : d.rate.toFixed(2)),
+                  h("td", { "data-stat": "latency", class: "num" }, d.p50_ms === null ? "—" : `${fmtMs(d.p50_ms)} / ${fmtMs(d.p95_ms)}`),
+                  h("td", { "data-stat": "errors", class: "num" }, d.requests === null ? "—" : `${d.errors ?? 0} of ${d.requests}`),
                   h("td", {}, timeEl(d.started_at)),
                   h("td", {}, timeEl(d.heartbeat_at)),
                 ),
