@@ -248,6 +248,8 @@ def main() -> int:
     print()
     print("Load it anywhere:")
     print(f'  model = keel.load_model("models:/{MODEL_NAME}@{ALIAS}")')
+    print("or serve it over HTTP (MLflow's scoring protocol, following the alias):")
+    print(f"  keel serve models:/{MODEL_NAME}@{ALIAS} --port 8080")
     print()
     print("Inspect the run:")
     print(f"  keel runs show {run.id}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,29 +49,40 @@ def pg_reason() -> str | None:
     return _pg_available()
 
 
-@pytest.fixture
-def pg_url(pg_reason: str | None) -> Iterator[str]:
-    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
-    if pg_reason is not None:
+@contextmanager
+def fresh_pg_schema(reason: str | None) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards with the
+    stores opened on it. `reason` (from `pg_reason`) says why PostgreSQL is unreachable:
+    then the test fails in CI and is skipped elsewhere."""
+    if reason is not None:
         if IN_CI:
-            pytest.fail(f"PostgreSQL is required in CI but unreachable: {pg_reason}")
-        pytest.skip(f"PostgreSQL unreachable: {pg_reason}")
+            pytest.fail(f"PostgreSQL is required in CI but unreachable: {reason}")
+        pytest.skip(f"PostgreSQL unreachable: {reason}")
     import sqlalchemy as sa
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(PG_URL)
     with admin.begin() as conn:
         conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    from keel.store import metadata as md
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        from keel.store import metadata as md
 
-    for key, store in list(md._stores.items()):
-        if schema in key[0]:
-            store.dispose()
-            del md._stores[key]
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+        for key, store in list(md._stores.items()):
+            if schema in key[0]:
+                store.dispose()
+                del md._stores[key]
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_reason: str | None) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    with fresh_pg_schema(pg_reason) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

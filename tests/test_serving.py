@@ -16,10 +16,10 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 import keel
+from conftest import fresh_pg_schema
 from flows import serving_models
 from keel.errors import ServingError
 from keel.serving.batching import Batcher
@@ -135,23 +136,16 @@ def world(
     tmp_path_factory: pytest.TempPathFactory,
     pg_reason: str | None,
 ) -> Iterator[World]:
-    import sqlalchemy as sa
-
-    from conftest import IN_CI, PG_URL
-
     home = tmp_path_factory.mktemp("serve-home")
-    db_url, schema, admin = None, None, None
-    if request.param == "postgres":
-        if pg_reason is not None:
-            if IN_CI:
-                pytest.fail(f"PostgreSQL is required in CI but unreachable: {pg_reason}")
-            pytest.skip(f"PostgreSQL unreachable: {pg_reason}")
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        admin = sa.create_engine(PG_URL)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-        db_url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    env = _env(home, db_url)
+    with ExitStack() as stack:
+        db_url = None
+        if request.param == "postgres":
+            db_url = stack.enter_context(fresh_pg_schema(pg_reason))
+        env = _env(home, db_url)
+        yield from _world(env, db_url)
+
+
+def _world(env: dict[str, str], db_url: str | None) -> Iterator[World]:
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("KEEL_DB_URL", raising=False)
         mp.delenv("KEEL_ARTIFACTS", raising=False)
@@ -174,16 +168,6 @@ def world(
             yield World(env, url, proc, frame, x)
         finally:
             stop_server(proc)
-            if schema is not None and admin is not None:
-                from keel.store import metadata as md
-
-                for key, store in list(md._stores.items()):
-                    if schema in key[0]:
-                        store.dispose()
-                        del md._stores[key]
-                with admin.begin() as conn:
-                    conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-                admin.dispose()
 
 
 @pytest.fixture(autouse=True)

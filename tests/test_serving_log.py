@@ -12,9 +12,9 @@ import re
 import sqlite3
 import subprocess
 import sys
-import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 import keel
+from conftest import fresh_pg_schema
 from keel.errors import ModelNotFoundError, ServingError
 from keel.store import inference_log
 from keel.store.metadata import open_store
@@ -51,21 +52,16 @@ def world(
     tmp_path_factory: pytest.TempPathFactory,
     pg_reason: str | None,
 ) -> Iterator[World]:
-    from conftest import IN_CI, PG_URL
-
     home = tmp_path_factory.mktemp("serve-log-home")
-    db_url, schema, admin = None, None, None
-    if request.param == "postgres":
-        if pg_reason is not None:
-            if IN_CI:
-                pytest.fail(f"PostgreSQL is required in CI but unreachable: {pg_reason}")
-            pytest.skip(f"PostgreSQL unreachable: {pg_reason}")
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        admin = sa.create_engine(PG_URL)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-        db_url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    env = _env(home, db_url)
+    with ExitStack() as stack:
+        db_url = None
+        if request.param == "postgres":
+            db_url = stack.enter_context(fresh_pg_schema(pg_reason))
+        env = _env(home, db_url)
+        yield from _world(env, db_url)
+
+
+def _world(env: dict[str, str], db_url: str | None) -> Iterator[World]:
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("KEEL_DB_URL", raising=False)
         mp.delenv("KEEL_ARTIFACTS", raising=False)
@@ -82,16 +78,6 @@ def world(
             yield World(env, db_url, url, proc, frame)
         finally:
             stop_server(proc)
-            if schema is not None and admin is not None:
-                from keel.store import metadata as md
-
-                for key, store in list(md._stores.items()):
-                    if schema in key[0]:
-                        store.dispose()
-                        del md._stores[key]
-                with admin.begin() as conn:
-                    conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-                admin.dispose()
 
 
 @pytest.fixture(autouse=True)
@@ -173,7 +159,7 @@ def test_rest_pages_the_log_newest_first(world: World) -> None:
     wait_until(lambda: logged() == total, "the requests to be logged", BOUND)
     seen: list[int] = []
     cursor = None
-    with TestClient(create_app()) as api:
+    with TestClient(create_app(), base_url="http://127.0.0.1") as api:
         while True:
             params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
             page = api.get("/api/v1/models/digits/versions/1/inferences", params=params)
@@ -307,7 +293,7 @@ def test_the_deployment_row_carries_rate_latency_and_errors(world: World) -> Non
     port = int(world.url.rsplit(":", 1)[1])
 
     def mine() -> dict[str, Any]:
-        with TestClient(create_app()) as api:
+        with TestClient(create_app(), base_url="http://127.0.0.1") as api:
             found = api.get("/api/v1/deployments", params={"model": "digits"}).json()
         (row,) = [d for d in found if d["port"] == port]
         return dict(row)

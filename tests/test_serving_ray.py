@@ -16,10 +16,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-import uuid
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 import keel
+from conftest import fresh_pg_schema
 from keel.serving.runner import ServerHandle
 from server_support import free_port, wait_until
 
@@ -80,23 +81,15 @@ def world(
     tmp_path_factory: pytest.TempPathFactory,
     pg_reason: str | None,
 ) -> Iterator[World]:
-    import sqlalchemy as sa
-
-    from conftest import IN_CI, PG_URL
-
     home = tmp_path_factory.mktemp("serve-ray-home")
     env = {"KEEL_HOME": str(home)}
-    schema, admin = None, None
-    if request.param == "postgres":
-        if pg_reason is not None:
-            if IN_CI:
-                pytest.fail(f"PostgreSQL is required in CI but unreachable: {pg_reason}")
-            pytest.skip(f"PostgreSQL unreachable: {pg_reason}")
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        admin = sa.create_engine(PG_URL)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-        env["KEEL_DB_URL"] = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with ExitStack() as stack:
+        if request.param == "postgres":
+            env["KEEL_DB_URL"] = stack.enter_context(fresh_pg_schema(pg_reason))
+        yield from _world(env, local_ray)
+
+
+def _world(env: dict[str, str], local_ray: int) -> Iterator[World]:
     with pytest.MonkeyPatch.context() as mp:
         for key in ("KEEL_DB_URL", "KEEL_ARTIFACTS", "KEEL_RAY_ADDRESS"):
             mp.delenv(key, raising=False)
@@ -124,16 +117,6 @@ def world(
             yield World(env, handle, handle.url, frame)
         finally:
             handle.stop()
-            if schema is not None and admin is not None:
-                from keel.store import metadata as md
-
-                for key, store in list(md._stores.items()):
-                    if schema in key[0]:
-                        store.dispose()
-                        del md._stores[key]
-                with admin.begin() as conn:
-                    conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-                admin.dispose()
 
 
 @pytest.fixture(autouse=True)

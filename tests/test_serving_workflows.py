@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 import keel
-from conftest import IN_CI, PG_URL
+from conftest import fresh_pg_schema
 from flows.serving_flows import Offset, Unloadable
 from keel.serving.workflow_app import create_workflow_app, jsonable
 from keel.store import schema
@@ -39,30 +39,6 @@ class Served:
     models: str
 
 
-@contextmanager
-def _pg_schema(reason: str | None) -> Iterator[str]:
-    if reason is not None:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is required in CI but unreachable: {reason}")
-        pytest.skip(f"PostgreSQL unreachable: {reason}")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {name}"))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{name}"
-    finally:
-        from keel.store import metadata as md
-
-        for key, store in list(md._stores.items()):
-            if name in key[0]:
-                store.dispose()
-                del md._stores[key]
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {name} CASCADE"))
-        admin.dispose()
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_reason: str | None
@@ -70,7 +46,7 @@ def served(
     folder = tmp_path_factory.mktemp(f"served-{request.param}")
     with ExitStack() as stack:
         if request.param == "postgres":
-            db_url = stack.enter_context(_pg_schema(pg_reason))
+            db_url = stack.enter_context(fresh_pg_schema(pg_reason))
         else:
             db_url = f"sqlite:///{folder / 'keel.db'}"
         store = open_store(StoreConfig(db_url=db_url, artifacts_url=str(folder / "artifacts")))

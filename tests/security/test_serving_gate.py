@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import pytest
 import sqlalchemy as sa
 
 import keel
-from conftest import IN_CI, PG_URL
+from conftest import fresh_pg_schema
 from flows import server_flows
 from flows.serving_flows import Offset
 from keel.errors import ServingError
@@ -67,26 +66,8 @@ def _database(kind: str, folder: Path, pg_reason: str | None) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{folder / 'keel.db'}"
         return
-    if pg_reason is not None:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is required in CI but unreachable: {pg_reason}")
-        pytest.skip(f"PostgreSQL unreachable: {pg_reason}")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {name}"))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{name}"
-    finally:
-        from keel.store import metadata as md
-
-        for key, store in list(md._stores.items()):
-            if name in key[0]:
-                store.dispose()
-                del md._stores[key]
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {name} CASCADE"))
-        admin.dispose()
+    with fresh_pg_schema(pg_reason) as url:
+        yield url
 
 
 def _env(folder: Path, db_url: str) -> dict[str, str]:
