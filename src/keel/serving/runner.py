@@ -321,6 +321,7 @@ def _run(
             log_level=level,
             timeout_graceful_shutdown=math.ceil(options.graceful_timeout),
             access_log=False,
+            ws="none",  # no websocket routes; skips importing a websockets stack at start
         )
     else:
         assert app_for is not None
@@ -333,6 +334,7 @@ def _run(
             log_level=level,
             timeout_graceful_shutdown=math.ceil(options.graceful_timeout),
             access_log=False,
+            ws="none",  # no websocket routes; skips importing a websockets stack at start
         )
     server = uvicorn.Server(config)
     shown = f"[{options.host}]" if ":" in options.host else options.host
