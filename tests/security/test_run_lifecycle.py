@@ -230,8 +230,11 @@ def open_steps(ids: list[str]) -> list[Any]:
     )
 
 
-def queue_of(ids: list[str]) -> list[Any]:
-    return select(sa.select(queue_items).where(queue_items.c.run_id.in_(ids)))
+def queue_of(ids: list[str], kind: str) -> list[Any]:
+    """The work items (`kind` step or run) of these runs."""
+    return select(
+        sa.select(queue_items).where(queue_items.c.run_id.in_(ids), queue_items.c.kind == kind)
+    )
 
 
 # -- item 9: SIGTERM --------------------------------------------------------------------
@@ -300,7 +303,7 @@ def start_queued_run(tmp_path: Path, flows: Path) -> tuple[subprocess.Popen[byte
         if not found:
             return False
         ids = [found[0].id, f"{found[0].id}.0"]
-        return len(queue_of(ids)) == 6 and len(open_steps(ids)) == 7
+        return len(queue_of(ids, "step")) == 6 and len(open_steps(ids)) == 7
 
     wait_until("six queued steps, seven recorded as RUNNING", queued, proc)
     return proc, only_run("lc_queued")
@@ -317,7 +320,9 @@ def assert_closed(root: str) -> None:
     assert {r.status for r in select(sa.select(steps.c.status).where(steps.c.run_id.in_(ids)))} == {
         "CANCELLED"
     }
-    assert queue_of(ids) == []
+    assert queue_of(ids, "step") == []
+    # The run's own entry (its owner's lease) is gone or finished: no one takes it over.
+    assert {r.status for r in queue_of(ids, "run")} <= {"done"}
 
 
 def test_cancel_of_a_live_run_closes_its_steps_children_and_queue_items(
@@ -369,7 +374,7 @@ def test_outcomes_no_one_collected_leave_the_queue_when_the_run_ends(
         gate.touch()
         wait_until(
             "the worker to finish the step no one waits for",
-            lambda: [r.status for r in queue_of([rid])] == ["done"],
+            lambda: [r.status for r in queue_of([rid], "step")] == ["done"],
             worker,
         )
 
@@ -380,7 +385,7 @@ def test_outcomes_no_one_collected_leave_the_queue_when_the_run_ends(
         # The resume ran the step again as a new attempt; the first attempt's outcome,
         # which nobody collected, went with the run's end.
         assert lines(marks)["remote"] == 2
-        assert queue_of([rid]) == []
+        assert queue_of([rid], "step") == []
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=WAIT_SECONDS)
