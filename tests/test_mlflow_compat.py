@@ -678,3 +678,27 @@ def test_keel_server_command_serves_the_mlflow_api(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_keel_serve_answers_for_a_version_registered_by_mlflow(server: str) -> None:
+    """A model logged and registered with the mlflow client is served by `keel serve`
+    and predicts as MLflow's own loader does, from MLflow's own serving payload."""
+    import httpx
+    from mlflow.models import convert_input_example_to_serving_input
+
+    model, features = _model()
+    mlflow.set_experiment("mlf-serve")
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(model, name="model", input_example=features[:2])
+    mlflow.register_model(info.model_uri, "mlf-served")
+    body = convert_input_example_to_serving_input(features[:5])
+    assert body is not None
+    with keel.serve("models:/mlf-served/1", port=0, background=True) as served:
+        reply = httpx.post(
+            f"{served.url}/invocations",
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["predictions"] == model.predict(features[:5]).tolist()

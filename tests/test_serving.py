@@ -798,3 +798,17 @@ def test_keel_serve_exposes_a_workflow(world: World, mode: str) -> None:
         assert row.kind == "workflow"
     finally:
         assert stop_server(proc) == 0
+
+
+def test_an_onnx_version_is_served_as_it_loads(world: World) -> None:
+    """keel's onnx flavor (a scikit-learn model converted at registration) answers
+    /invocations with the predictions `keel.load_model` gives in-process."""
+    x, y = load_digits(return_X_y=True)
+    model = _quiet_fit(LogisticRegression(max_iter=300), x[:500], y[:500])
+    version = keel.register_model("digits_onnx", model, flavor="onnx", input_example=x[:3])
+    assert version.flavor == "onnx"
+    uri = f"models:/digits_onnx/{version.version}"
+    with keel.serve(uri, port=0, background=True) as served:
+        reply = predict(served.url, json.dumps({"inputs": x[1000:1008].tolist()}))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["predictions"] == keel.load_model(uri).predict(x[1000:1008]).tolist()
