@@ -545,6 +545,12 @@ def test_keel_registered_versions_load_with_mlflow_pyfunc(server: str) -> None:
     assert refused.status_code == 400 and "read-only" in refused.text
     missing = api(server, "GET", "/api/2.0/mlflow-artifacts/artifacts/keel-models/keel-made/99")
     assert missing.status_code == 404
+    # Digits int() refuses (a superscript two) or no row can have: not found, never a 500.
+    for number in ("%C2%B2", str(2**70)):
+        odd = api(
+            server, "GET", f"/api/2.0/mlflow-artifacts/artifacts/keel-models/keel-made/{number}"
+        )
+        assert odd.status_code == 404, odd.text
     with pytest.raises(MlflowException):
         mlflow.pyfunc.load_model("models:/keel-made/99")
 

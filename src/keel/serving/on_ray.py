@@ -501,7 +501,7 @@ async def _read_capped_body(request: Request, limit: int) -> bytes:
     proxy runs no keel guard to cap it): by its Content-Length before reading, else
     while the bytes stream in."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit, int(declared))
     chunks, size = [], 0
     async for chunk in request.stream():

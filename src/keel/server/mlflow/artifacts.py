@@ -38,6 +38,7 @@ from keel.server.mlflow.common import (
     invalid,
     not_found,
     reply,
+    stored_id,
     text_arg,
 )
 from keel.server.mlflow.data import writable
@@ -98,7 +99,8 @@ def target(store: MetadataStore, path: str) -> Target:
 
 
 def keel_version(store: MetadataStore, name: str, number: str) -> Any:
-    row = rs.get_version(store, name, int(number)) if number.isdigit() else None
+    version = stored_id(number)  # "2", never "²" (a digit int() refuses) or 2**70
+    row = rs.get_version(store, name, version) if version is not None else None
     if row is None:
         raise not_found(f"Model version (name={name}, version={number}) not found")
     if mlflow_model_files(row) is None or not (row.source_hash or row.flavor == "mlflow"):
