@@ -85,8 +85,11 @@ def mlflow_payload(example: Any) -> str:
     return body
 
 
-def start_server(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_server(
+    args: list[str], env: dict[str, str], port: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`keel serve ARGS --port PORT` (a free one unless given), once it answers /ping."""
+    port = port or free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process, in stop_server
     proc = subprocess.Popen(
         [sys.executable, "-m", "keel", "serve", *args, "--port", str(port)],

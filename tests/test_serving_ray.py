@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ import keel
 from conftest import fresh_pg_schema
 from keel.serving.runner import ServerHandle
 from server_support import free_port, wait_until
+from test_serving import server_log, start_server, stop_server
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -290,9 +290,6 @@ def _server_env(world: World) -> dict[str, str]:
     return env
 
 
-CLI_ARGS = ("--on", "ray", "--replicas", "1", "--port")
-
-
 def test_cli_start_errors_on_ray_are_one_line_and_exit_2(world: World) -> None:
     """Checked before anything is deployed: the model first, then the options."""
     env = {k: v for k, v in _server_env(world).items() if k != "KEEL_RAY_ADDRESS"}
@@ -319,30 +316,12 @@ def test_cli_serves_on_ray_and_sigterm_deletes_the_app_and_exits_0(world: World)
     """Runs last for its store: the route / is the module app's until it is deleted."""
     world.handle.stop()
     port = int(world.url.rsplit(":", 1)[1])
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keel", "serve", "models:/digits@champion", *CLI_ARGS, str(port)],
-        env=_server_env(world),
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-
-    def text() -> str:
-        log.seek(0)
-        return log.read().decode(errors="replace")
-
+    args = ["models:/digits@champion", "--on", "ray", "--replicas", "1"]
+    proc, _ = start_server(args, _server_env(world), port=port)
     try:
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"keel serve exited {proc.returncode}: {text()}")
-            try:
-                return httpx.get(f"{world.url}/ping", timeout=5).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(up, "keel serve --on ray to answer /ping", BOUND)
-        wait_until(lambda: "on http://" in text(), "keel serve to say where it serves", BOUND)
+        wait_until(
+            lambda: "on http://" in server_log(proc), "keel serve to say where it serves", BOUND
+        )
         rows = world.frame.iloc[1300:1305].reset_index(drop=True)
         reply = predict(world.url, json.dumps({"dataframe_split": rows.to_dict(orient="split")}))
         assert reply.status_code == 200, reply.text
@@ -351,8 +330,8 @@ def test_cli_serves_on_ray_and_sigterm_deletes_the_app_and_exits_0(world: World)
         ours = [a for a in serve.status().applications if a.startswith("keel-")]
         assert len(ours) == 1
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(BOUND) == 0, text()
-        assert "keel serve: stopped" in text()
+        assert proc.wait(BOUND) == 0, server_log(proc)
+        assert "keel serve: stopped" in server_log(proc)
         assert not [a for a in serve.status().applications if a.startswith("keel-")]
         from keel.store import deployments
         from keel.store.metadata import open_store
@@ -361,10 +340,7 @@ def test_cli_serves_on_ray_and_sigterm_deletes_the_app_and_exits_0(world: World)
         cli = [r for r in rows_after if r.pid == proc.pid]
         assert [(r.kind, r.workers, r.state) for r in cli] == [("model-on-ray", 1, "stopped")]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(BOUND)
-        log.close()
+        stop_server(proc)
 
 
 def test_bad_scale_options_are_clear_errors() -> None:
